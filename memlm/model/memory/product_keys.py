@@ -1,0 +1,103 @@
+"""Product-key retrieval (Lample et al. 2019, "Large Memory Layers with Product Keys").
+
+The one retrieval routine shared by PKM, Memory+, UltraMem and PEER. A query is split in two halves scored against two
+sub-key tables of ``n_keys`` rows; slot (i, j) of the ``n_keys**2`` slots scores ``s1[i] + s2[j]``. The exact top-k over
+all slots costs O(n_keys): the top-k pairs always lie among the knn x knn sums of each half's top-k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def product_topk(s1: torch.Tensor, s2: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``knn`` of ``s1[..., i] + s2[..., j]`` over all (i, j) pairs.
+
+    Args:
+        s1, s2: (..., n_keys) scores of each half against its sub-keys.
+        knn: number of slots to return (also the number of candidates kept per half).
+    Returns:
+        scores (..., knn) sorted descending and slot indices (..., knn) = i * n_keys + j, in [0, n_keys**2).
+    """
+    n_keys = s1.shape[-1]
+    v1, i1 = s1.topk(knn, dim=-1)  # (..., knn)
+    v2, i2 = s2.topk(knn, dim=-1)  # (..., knn)
+    cand = v1.unsqueeze(-1) + v2.unsqueeze(-2)  # (..., knn, knn)
+    scores, flat = cand.flatten(-2).topk(knn, dim=-1)  # (..., knn)
+    rows = i1.gather(-1, flat // knn)  # (..., knn)
+    cols = i2.gather(-1, flat % knn)  # (..., knn)
+    return scores, rows * n_keys + cols
+
+
+def all_pair_scores(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """(..., n_keys), (..., n_keys) -> (..., n_keys**2) score of every slot (reference / inspection; O(N))."""
+    return (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., n_keys * n_keys)
+
+
+def _rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class ProductKeys(nn.Module):
+    """``heads`` independent pairs of sub-key tables, each (n_keys, k_dim / 2).
+
+    With ``qk_norm`` the query halves and the sub-keys are RMS-normalized (no gain) and scores are divided by
+    sqrt(k_dim / 2): a cosine similarity scaled like attention logits, which keeps the scores' range independent of
+    the key norms (Memory+ "qk-norm").
+    """
+
+    def __init__(self, heads: int, n_keys: int, k_dim: int, qk_norm: bool = False) -> None:
+        super().__init__()
+        self.heads, self.n_keys, self.k_dim, self.qk_norm = heads, n_keys, k_dim, qk_norm
+        self.half = k_dim // 2
+        self.weight = nn.Parameter(torch.empty(heads, 2, n_keys, self.half))  # (heads, 2 halves, n_keys, k_dim/2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.k_dim)  # PKM: uniform keys with bound 1/sqrt(k_dim)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def half_scores(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (..., heads, k_dim) -> s1, s2 each (..., heads, n_keys), computed in fp32."""
+        q = query.float().unflatten(-1, (2, self.half))  # (..., heads, 2, half)
+        keys = self.weight.float()  # (heads, 2, n_keys, half)
+        if self.qk_norm:
+            q, keys = _rms(q), _rms(keys)
+        s = torch.einsum("...hsd,hsnd->...hsn", q, keys)  # (..., heads, 2, n_keys)
+        if self.qk_norm:
+            s = s / math.sqrt(self.half)
+        return s[..., 0, :], s[..., 1, :]
+
+    def retrieve(self, query: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (..., heads, k_dim) -> (scores, indices), each (..., heads, knn)."""
+        s1, s2 = self.half_scores(query)
+        return product_topk(s1, s2, knn)
+
+    def slot_scores(self, query: torch.Tensor) -> torch.Tensor:
+        """query (..., heads, k_dim) -> (..., heads, n_keys**2): the score of every slot."""
+        return all_pair_scores(*self.half_scores(query))
+
+    def materialized(self) -> torch.Tensor:
+        """The full (heads, n_keys**2, k_dim) key of every slot (concatenated halves), for reference checks."""
+        k1 = self.weight[:, 0].unsqueeze(2).expand(-1, -1, self.n_keys, -1)  # (heads, n, n, half)
+        k2 = self.weight[:, 1].unsqueeze(1).expand(-1, self.n_keys, -1, -1)  # (heads, n, n, half)
+        if self.qk_norm:
+            k1, k2 = _rms(k1) / math.sqrt(self.half), _rms(k2) / math.sqrt(self.half)
+        return torch.cat([k1, k2], dim=-1).flatten(1, 2)  # (heads, n*n, k_dim)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, n_keys={self.n_keys}, k_dim={self.k_dim}, qk_norm={self.qk_norm}"
+
+
+def normalize_scores(scores: torch.Tensor, score_fn: str) -> torch.Tensor:
+    """Turn top-k scores (..., knn) into fp32 mixing weights: softmax (PKM), relu, or raw (UltraMem)."""
+    scores = scores.float()
+    if score_fn == "softmax":
+        return F.softmax(scores, dim=-1)
+    if score_fn == "relu":
+        return F.relu(scores)
+    return scores

@@ -1,0 +1,166 @@
+"""Export directories: everything needed to rebuild a model without Lightning.
+
+Layout of an export directory::
+
+    config.yaml          the resolved run config (``model:`` section rebuilds the model; other sections are kept)
+    model.safetensors    weights (shared / tied tensors stored once)
+    tokenizer/           the SentencePiece tokenizer (optional)
+    memlm_export.json    format marker + metadata (step, parameter count)
+
+Writes are atomic: the directory is assembled under a temporary name and renamed into place, so a crash never leaves
+a half-written export behind the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_model, save_model
+
+from memlm.config import ConfigError, ModelConfig, from_dict
+from memlm.model import MemLM
+
+MARKER = "memlm_export.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint / export that cannot be loaded; the message says which path and why."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_pretrained(
+    model: MemLM,
+    out_dir: str | Path,
+    tokenizer: Any | None = None,
+    run_config: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (+ tokenizer and the run config) to ``out_dir`` atomically; returns the path."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    try:
+        config = dict(run_config or {})
+        config["model"] = model.cfg.to_dict()
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        save_model(model, str(tmp / "model.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer")
+        info = {"format": "memlm", "version": FORMAT_VERSION, "num_params": model.num_params(), **(meta or {})}
+        (tmp / MARKER).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if out_dir.exists():  # replace: move the old one aside first, then swap, then delete
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_export_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not (path / MARKER).is_file() or not (path / "config.yaml").is_file():
+        raise CheckpointError(
+            f"{path} is not a memlm export directory (expected {MARKER}, config.yaml and model.safetensors in it)"
+        )
+    try:
+        return yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / 'config.yaml'} is corrupted: {e}") from None
+
+
+def _model_config(raw: dict[str, Any], where: str) -> ModelConfig:
+    try:
+        return from_dict(ModelConfig, raw.get("model") or {}, prefix="model")
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its model config does not load: {e}") from None
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = True):
+    """Load ``(model, tokenizer)`` from an export directory or a Lightning ``.ckpt`` written by ``train.py``.
+
+    The tokenizer is None when the export has none (or ``with_tokenizer=False``). The model is returned in eval mode.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_file():
+        return _load_lightning_ckpt(path, device, with_tokenizer)
+    raw = read_export_config(path)
+    cfg = _model_config(raw, str(path))
+    model = MemLM(cfg)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: model.safetensors is missing")
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except Exception as e:  # safetensors raises several types for truncated / foreign files
+        raise CheckpointError(f"{weights} is corrupted or not a safetensors file ({type(e).__name__}: {e})") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not match its config.yaml (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    model.to(device).eval()
+    tokenizer = None
+    if with_tokenizer and (path / "tokenizer").exists():
+        from memlm.data.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(path / "tokenizer")
+    return model, tokenizer
+
+
+def _load_lightning_ckpt(path: Path, device, with_tokenizer: bool):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    raw = hp.get("config") if isinstance(hp, dict) else None
+    if not isinstance(raw, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a memlm training checkpoint (no memlm config in its hyper-parameters)")
+    cfg = _model_config(raw, str(path))
+    model = MemLM(cfg)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match its config: {str(e).splitlines()[0]}") from None
+    model.to(device).eval()
+    tokenizer = None
+    tok_path = hp.get("tokenizer_path")
+    if with_tokenizer and tok_path and Path(tok_path).exists():
+        from memlm.data.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(tok_path)
+    return model, tokenizer

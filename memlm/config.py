@@ -210,10 +210,13 @@ MemoryKind = Literal["pkm", "memory_plus", "ultramem", "ultramem_v2", "peer"]
 
 @dataclass
 class MemoryConfig(_YamlMixin):
-    """A product-key memory layer (PKM / Memory+); ``kind`` picks the variant and its defaults.
+    """A product-key memory layer; ``kind`` picks the variant (PKM, Memory+, UltraMem, UltraMemV2, PEER).
 
     ``None`` on a flag means "the default of this kind": Memory+ turns on the swilu gate, the shared value pool and
-    qk-norm; plain PKM turns them off. The resolved values are properties (``use_gate``, ...), computed only here.
+    qk-norm; plain PKM turns them off; UltraMemV2 always uses one global table and qk-norm. The resolved values are
+    properties (``use_gate``, ``physical_rows``, ...), computed only here. Fields of one kind are ignored by the others:
+    ``tucker_rank``/``cores``/``expansion``/``aux_*`` (UltraMem), ``pre_dim``/``pre_value_act``/``window_stride``
+    (UltraMemV2), ``peer_act`` (PEER). ``skip`` applies to every kind.
     """
 
     kind: MemoryKind = "memory_plus"
@@ -233,6 +236,19 @@ class MemoryConfig(_YamlMixin):
     query_dropout: float = 0.0
     value_dropout: float = 0.0
     sparse_grad: bool = False  # value table gradient as a sparse tensor (for SparseAdam / row-sparse updates)
+    skip: int = 0  # skip-layer: memory of block i reads block i's input, its output is added after block i + skip
+    # UltraMem (Huang et al. 2024): Tucker core, multi-core scoring, implicit value expansion
+    tucker_rank: int = 2  # r: rank of each r x r Tucker core C (TDQKR)
+    cores: int = 2  # h: MCS cores; each core's score weights its own 1/h slice of the value vector
+    expansion: int = 4  # E: IVE virtual slots per physical value row (n_keys**2 virtual, n_keys**2 / E physical)
+    aux_alpha: float = 0.001  # weight of the core regularizer alpha * sum relu(sigma_i - tau)**2 (non-leading sigma)
+    aux_tau: float = 0.15
+    # UltraMemV2 (2025): PEER-style pre-values and one global value table read through per-layer windows
+    pre_dim: int = 32  # width of the per-slot pre-value p_i
+    pre_value_act: Literal["gelu", "silu", "relu", "sigmoid"] = "gelu"  # weight = score * act(<p_i, W_pre x>)
+    window_stride: int | None = None  # row offset between consecutive layers' windows; None -> n_slots (disjoint)
+    # PEER (He 2024): single-neuron experts
+    peer_act: Literal["gelu", "silu", "relu", "sigmoid"] = "gelu"
 
     def __post_init__(self) -> None:
         _require(self.n_keys > 0, f"memory.n_keys must be > 0, got {self.n_keys}")
@@ -250,6 +266,30 @@ class MemoryConfig(_YamlMixin):
             v = getattr(self, name)
             _require(0.0 <= v < 1.0, f"memory.{name} must be in [0, 1), got {v}")
         _require(len(set(self.layers)) == len(self.layers), f"memory.layers has duplicates: {self.layers}")
+        _require(self.skip >= 0, f"memory.skip must be >= 0, got {self.skip}")
+        _require(self.tucker_rank > 0, f"memory.tucker_rank must be > 0, got {self.tucker_rank}")
+        _require(self.cores > 0, f"memory.cores must be > 0, got {self.cores}")
+        _require(self.expansion > 0, f"memory.expansion must be > 0, got {self.expansion}")
+        _require(self.aux_alpha >= 0, f"memory.aux_alpha must be >= 0, got {self.aux_alpha}")
+        _require(self.aux_tau >= 0, f"memory.aux_tau must be >= 0, got {self.aux_tau}")
+        _require(self.pre_dim > 0, f"memory.pre_dim must be > 0, got {self.pre_dim}")
+        _require(
+            self.window_stride is None or self.window_stride >= 0,
+            f"memory.window_stride must be >= 0, got {self.window_stride}",
+        )
+        if self.kind == "ultramem":
+            _require(
+                self.n_slots % self.expansion == 0,
+                f"memory.expansion ({self.expansion}) must divide the n_keys**2 = {self.n_slots} virtual slots",
+            )
+            _require(
+                not (self.sparse_grad and self.cores > 1),
+                "memory.sparse_grad is not supported with memory.cores > 1 (the value table is read in core slices)",
+            )
+        if self.kind in ("ultramem", "ultramem_v2", "peer"):
+            _require(not self.gated, f"memory.gated: the swilu gate is a Memory+ option, not available for {self.kind}")
+        if self.kind in ("ultramem", "peer"):
+            _require(not self.shared_values, f"memory.shared_values: {self.kind} layers own their tables")
 
     # derived values: one place
     @property
@@ -266,11 +306,33 @@ class MemoryConfig(_YamlMixin):
 
     @property
     def use_shared_values(self) -> bool:
+        """Memory+ shares one pool; UltraMemV2 always reads one global table (through per-layer windows)."""
+        if self.kind == "ultramem_v2":
+            return True
         return self.shared_values if self.shared_values is not None else self.kind == "memory_plus"
 
     @property
     def use_qk_norm(self) -> bool:
-        return self.qk_norm if self.qk_norm is not None else self.kind == "memory_plus"
+        return self.qk_norm if self.qk_norm is not None else self.kind in ("memory_plus", "ultramem_v2")
+
+    @property
+    def value_expansion(self) -> int:
+        """IVE factor E (UltraMem only; every other kind reads its rows directly)."""
+        return self.expansion if self.kind == "ultramem" else 1
+
+    @property
+    def physical_rows(self) -> int:
+        """Rows of one layer's value table: n_keys**2 / E for UltraMem (IVE), n_keys**2 otherwise."""
+        return self.n_slots // self.value_expansion
+
+    @property
+    def window_step(self) -> int:
+        """UltraMemV2: row offset between consecutive memory layers' windows of the global table."""
+        return self.n_slots if self.window_stride is None else self.window_stride
+
+    def global_rows(self) -> int:
+        """UltraMemV2: rows of the global value table (the windows of all memory layers)."""
+        return self.window_step * (len(self.layers) - 1) + self.n_slots
 
 
 @dataclass
@@ -307,10 +369,25 @@ class ModelConfig(_YamlMixin):
         _require(self.max_seq_len > 0, f"model.max_seq_len must be > 0, got {self.max_seq_len}")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.memory is not None:
-            for i in self.memory.layers:
+            mem = self.memory
+            for i in mem.layers:
                 _require(
                     0 <= i < self.n_layers,
                     f"memory.layers: index {i} is out of range for model.n_layers={self.n_layers}",
+                )
+                _require(
+                    i + mem.skip < self.n_layers,
+                    f"memory.skip: layer {i} + skip {mem.skip} is past the last block (model.n_layers={self.n_layers})",
+                )
+            if mem.kind == "ultramem":
+                _require(
+                    self.value_dim % mem.cores == 0,
+                    f"memory.v_dim ({self.value_dim}) must be divisible by memory.cores ({mem.cores})",
+                )
+            if mem.kind == "peer":
+                _require(
+                    mem.v_dim is None or mem.v_dim == self.dim,
+                    f"memory.v_dim must be unset or equal model.dim ({self.dim}) for PEER (experts write to dim)",
                 )
 
     @property
@@ -329,8 +406,11 @@ class ModelConfig(_YamlMixin):
 
     @property
     def value_dim(self) -> int:
+        """Value width: ``memory.v_dim``, else dim (PKM, Memory+, PEER) or dim / 2 (UltraMem, V2: half value dim)."""
         assert self.memory is not None
-        return self.memory.v_dim or self.dim
+        if self.memory.v_dim:
+            return self.memory.v_dim
+        return self.dim // 2 if self.memory.kind in ("ultramem", "ultramem_v2") else self.dim
 
     def memory_layers(self) -> list[int]:
         return list(self.memory.layers) if self.memory is not None else []
@@ -428,3 +508,96 @@ class DataConfig(_YamlMixin):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # optimization and training  (owned by memlm/training/)
+
+
+@dataclass
+class OptimConfig(_YamlMixin):
+    """AdamW with warmup + cosine; memory values in their own group (own lr and schedule, no weight decay)."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # global norm of the non-value parameters
+    value_grad_clip: float | None = 1.0  # values clipped separately (Memory+)
+    value_lr: float | None = None  # fixed value lr (Memory+ / PKM use 1e-3); None -> lr * value_lr_mult
+    value_lr_mult: float = 1.0
+    value_lr_decay_to: float | None = None  # UltraMem: value lr multiplier decays linearly value_lr_mult -> this
+    value_schedule: Literal["follow", "constant"] = "follow"  # follow the base warmup+cosine, or constant after warmup
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas must be two numbers in [0, 1)")
+        _require(self.value_lr is None or self.value_lr > 0, f"optim.value_lr must be > 0, got {self.value_lr}")
+        _require(self.value_lr_mult > 0, f"optim.value_lr_mult must be > 0, got {self.value_lr_mult}")
+
+
+@dataclass
+class TrainConfig(_YamlMixin):
+    """What the launcher does around the Lightning Trainer."""
+
+    seed: int = 0
+    batch_size: int = 16
+    seq_len: int | None = None  # None -> model.max_seq_len
+    run_dir: str = "runs"
+    name: str = "tiny"
+    compile: bool = False  # torch.compile the model
+    stats_every: int = 50  # memory usage statistics + histogram every N steps
+    checkpoint_every: int = 200  # Lightning checkpoint (last.ckpt) every N steps
+    export: bool = True  # write an export dir (safetensors + config + tokenizer) at the end
+    probe_facts: int = 200  # pretraining facts probed for recall at the end (0 = skip)
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
+        _require(self.seq_len is None or self.seq_len > 1, f"train.seq_len must be > 1, got {self.seq_len}")
+        _require(self.stats_every > 0 and self.checkpoint_every > 0, "train.stats_every/checkpoint_every must be > 0")
+
+
+def _default_trainer() -> dict[str, Any]:
+    return {"max_steps": 600, "val_check_interval": 200, "log_every_n_steps": 10, "limit_val_batches": 20}
+
+
+@dataclass
+class RunConfig(_YamlMixin):
+    """A whole training run: each component receives only its own section. ``trainer`` holds Lightning Trainer
+    arguments (validated against ``lightning.Trainer``'s signature)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: dict[str, Any] = field(default_factory=_default_trainer)
+
+    def __post_init__(self) -> None:
+        import inspect
+
+        from lightning import Trainer
+
+        valid = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+        for k in self.trainer:
+            _require(k in valid, f"unknown config key 'trainer.{k}' (not a lightning.Trainer argument)")
+        seq = self.train.seq_len or self.model.max_seq_len
+        _require(
+            seq <= self.model.max_seq_len,
+            f"train.seq_len ({seq}) must be <= model.max_seq_len ({self.model.max_seq_len})",
+        )
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.max_seq_len
+
+
+def load_run_config(paths: list[str | Path] | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """defaults < YAML files (merged in order) < overrides (``--a.b=c`` strings or a nested dict)."""
+    data: dict[str, Any] = {}
+    for p in paths or []:
+        data = deep_merge(data, read_yaml(p))
+    if overrides:
+        data = deep_merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
+    if "trainer" in data:  # trainer args merge over the defaults instead of replacing them
+        data["trainer"] = deep_merge(_default_trainer(), data["trainer"] or {})
+    return from_dict(RunConfig, data)

@@ -49,6 +49,24 @@ def slots_for_mass(counts: torch.Tensor, fraction: float) -> int:
     return int(torch.searchsorted(cum, torch.tensor(fraction - 1e-12, dtype=cum.dtype, device=cum.device)).item()) + 1
 
 
+def counts_stats(counts: torch.Tensor, weighted_counts: torch.Tensor | None = None) -> dict[str, float]:
+    """The metrics of :func:`usage_stats` from accumulated (n_slots,) counts (e.g. summed over many steps)."""
+    n_slots = counts.numel()
+    kl = kl_from_uniform(counts)
+    out = {
+        "used_frac": float((counts > 0).double().mean()),
+        "kl_uniform": kl,
+        "kl_uniform_norm": kl / math.log(n_slots) if n_slots > 1 else 0.0,
+        "gini": gini(counts),
+        "slots_50": slots_for_mass(counts, 0.5),
+        "slots_90": slots_for_mass(counts, 0.9),
+        "slots_99": slots_for_mass(counts, 0.99),
+    }
+    if weighted_counts is not None:
+        out["kl_uniform_weighted"] = kl_from_uniform(weighted_counts)
+    return out
+
+
 def usage_stats(indices: torch.Tensor, n_slots: int, weights: torch.Tensor | None = None) -> dict[str, float]:
     """Memory-health metrics of one layer.
 
@@ -57,17 +75,8 @@ def usage_stats(indices: torch.Tensor, n_slots: int, weights: torch.Tensor | Non
         n_slots: number of slots in the table.
         weights: optional (..., knn) mixing weights matching ``indices`` (for the score-weighted KL and top-1 weight).
     """
-    counts = slot_counts(indices, n_slots)
-    out = {
-        "used_frac": float((counts > 0).double().mean()),
-        "kl_uniform": kl_from_uniform(counts),
-        "kl_uniform_norm": kl_from_uniform(counts) / math.log(n_slots) if n_slots > 1 else 0.0,
-        "gini": gini(counts),
-        "slots_50": slots_for_mass(counts, 0.5),
-        "slots_90": slots_for_mass(counts, 0.9),
-        "slots_99": slots_for_mass(counts, 0.99),
-    }
+    weighted = None if weights is None else slot_counts(indices, n_slots, weights.abs())
+    out = counts_stats(slot_counts(indices, n_slots), weighted)
     if weights is not None:
-        out["kl_uniform_weighted"] = kl_from_uniform(slot_counts(indices, n_slots, weights.abs()))
         out["top1_weight"] = float(weights.float().max(dim=-1).values.mean())
     return out

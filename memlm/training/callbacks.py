@@ -1,0 +1,98 @@
+"""Training callbacks: throughput, memory-usage statistics (+ TensorBoard histograms), checkpoint on Ctrl-C."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from memlm.model.memory.stats import counts_stats
+
+
+class Throughput(L.Callback):
+    """Logs training tokens/s (per process) and keeps the run's totals for the final summary."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.seconds = 0.0
+        self._t0: float | None = None
+        self._window = (0, 0.0)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is None:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self._t0
+        n = batch[0].numel()
+        self.tokens += n
+        self.seconds += dt
+        tok, sec = self._window
+        tok, sec = tok + n, sec + dt
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            pl_module.log("perf/tokens_per_s", tok / max(sec, 1e-9), on_step=True, on_epoch=False)
+            tok, sec = 0, 0.0
+        self._window = (tok, sec)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+class MemoryStats(L.Callback):
+    """Accumulates each memory layer's slot counts every step; every ``every`` steps logs the usage statistics
+    (fraction used, KL to uniform, Gini, slots for 50/90/99 % of mass, mean top-1 weight) and a usage histogram."""
+
+    def __init__(self, every: int = 50) -> None:
+        self.every = every
+        self.counts: dict[int, torch.Tensor] = {}
+        self.weighted: dict[int, torch.Tensor] = {}
+        self.top1: dict[int, list[float]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        layers = pl_module.model.memory_layers
+        for i, layer in enumerate(layers):
+            if layer.last_indices is None:
+                continue
+            idx = layer.last_indices.reshape(-1)  # (B*T*heads*knn,)
+            w = layer.last_weights.reshape(-1).abs().float()
+            c = torch.bincount(idx, minlength=layer.n_slots).float()
+            cw = torch.bincount(idx, weights=w, minlength=layer.n_slots).float()
+            self.counts[i] = self.counts[i] + c if i in self.counts else c
+            self.weighted[i] = self.weighted[i] + cw if i in self.weighted else cw
+            self.top1.setdefault(i, []).append(float(layer.last_weights.max(-1).values.float().mean()))
+        if layers and trainer.global_step % self.every == 0 and self.counts:
+            self.flush(trainer, pl_module)
+
+    def flush(self, trainer, pl_module) -> dict[int, dict[str, float]]:
+        out = {}
+        for i, counts in self.counts.items():
+            stats = counts_stats(counts.double().cpu(), self.weighted[i].double().cpu())
+            stats["top1_weight"] = sum(self.top1[i]) / len(self.top1[i])
+            out[i] = stats
+            for k, v in stats.items():
+                pl_module.log(f"memory/layer{i}/{k}", float(v), on_step=True, on_epoch=False, rank_zero_only=True)
+            exp = getattr(trainer.logger, "experiment", None)
+            if exp is not None and hasattr(exp, "add_histogram") and trainer.is_global_zero:
+                # distribution of per-slot access counts over the window (log1p: a few hot slots dominate)
+                exp.add_histogram(f"memory/layer{i}/slot_usage_log1p", counts.log1p().cpu(), trainer.global_step)
+        self.last = out
+        self.counts, self.weighted, self.top1 = {}, {}, {}
+        return out
+
+
+class SaveOnInterrupt(L.Callback):
+    """Ctrl-C (KeyboardInterrupt) writes a checkpoint before the process exits."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            trainer.save_checkpoint(self.path)
+            print(f"\ninterrupted: checkpoint saved to {self.path}")

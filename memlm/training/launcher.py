@@ -1,0 +1,203 @@
+"""The training launcher behind ``train.py``: config resolution, data, Lightning Trainer, export and summary.
+
+``python train.py [--config FILE ...] [--section.key=value ...] [--print_config] [--ckpt_path PATH|last]``.
+With no ``--config`` the built-in default ``configs/pretrain/tiny.yaml`` is used. Errors a user can cause (config,
+data, checkpoint) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from memlm.config import ConfigError, RunConfig, load_run_config, to_dict
+from memlm.export import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = ROOT / "configs" / "pretrain" / "tiny.yaml"
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a memlm language model. Any config field can be overridden with --section.key=value "
+        "(e.g. --model.dim=64, --trainer.max_steps=20, --trainer.devices=2, --trainer.strategy=ddp).",
+    )
+    p.add_argument("--config", action="append", default=[], help="YAML config; repeat to merge several in order")
+    p.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--ckpt_path", default=None, help="resume from a Lightning checkpoint, or 'last' for the run's last")
+    return p.parse_known_args(argv)
+
+
+def resolve_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
+    configs = args.config or [str(DEFAULT_CONFIG)]
+    return load_run_config(configs, overrides)
+
+
+def _trainer_kwargs(cfg: RunConfig, run_dir: Path) -> dict:
+    kw = dict(cfg.trainer)
+    cuda = torch.cuda.is_available() and kw.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+    kw.setdefault("precision", "bf16-mixed" if cuda else "32-true")
+    kw.setdefault("default_root_dir", str(run_dir))
+    kw.setdefault("num_sanity_val_steps", 0)
+    return kw
+
+
+def _resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise CheckpointError(f"--ckpt_path last: no checkpoint at {last} (has this run saved one yet?)")
+        return str(last)
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(f"--ckpt_path: checkpoint not found: {ckpt_path}")
+    return ckpt_path
+
+
+def _check_ckpt_matches(ckpt_path: str, cfg: RunConfig) -> None:
+    """Refuse to resume from a checkpoint of another architecture (with one clear line, not a shape traceback)."""
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{ckpt_path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    saved = (ckpt.get("hyper_parameters") or {}).get("config", {}) if isinstance(ckpt, dict) else {}
+    if not saved or "model" not in saved:
+        raise CheckpointError(f"{ckpt_path} is not a memlm training checkpoint")
+    if saved["model"] != to_dict(cfg.model):
+        diff = sorted(
+            k
+            for k in set(saved["model"]) | set(to_dict(cfg.model))
+            if saved["model"].get(k) != to_dict(cfg.model).get(k)
+        )
+        raise CheckpointError(
+            f"{ckpt_path} belongs to a different architecture (model fields differ: {', '.join(diff)})"
+        )
+
+
+def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
+    """Run training as configured; returns the summary dict (also printed)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from memlm.data.datamodule import LMDataModule
+    from memlm.export import save_pretrained
+    from memlm.training.callbacks import MemoryStats, SaveOnInterrupt, Throughput
+    from memlm.training.module import LMModule
+    from memlm.training.probes import fact_recall
+
+    t_start = time.perf_counter()
+    run_dir = Path(cfg.train.run_dir) / cfg.train.name
+    ckpt_path = _resolve_ckpt(ckpt_path, run_dir)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+
+    dm = LMDataModule(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.train.batch_size)
+    dm.prepare_data()
+    dm.setup("fit")
+    tokenizer = dm.tokenizer
+    if cfg.model.vocab_size != tokenizer.vocab_size:  # the tokenizer is the source of truth for the vocabulary
+        cfg.model.vocab_size = tokenizer.vocab_size
+    if ckpt_path:
+        _check_ckpt_matches(ckpt_path, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok_dir = tokenizer.save(run_dir / "tokenizer")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+    module = LMModule(to_dict(cfg), tokenizer_path=str(tok_dir))
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")
+    throughput, stats = Throughput(), MemoryStats(cfg.train.stats_every)
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.train.checkpoint_every
+        ),
+        LearningRateMonitor(logging_interval="step"),
+        throughput,
+        stats,
+        SaveOnInterrupt(run_dir / "checkpoints" / "interrupted.ckpt"),
+    ]
+    trainer = L.Trainer(logger=logger, callbacks=callbacks, **_trainer_kwargs(cfg, run_dir))
+    first_loss = _initial_val_loss(module, dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        return {"interrupted": True}
+    val = trainer.validate(module, datamodule=dm, verbose=False)
+    summary = {
+        "steps": trainer.global_step,
+        "initial_val_loss": first_loss,
+        "train_loss": module.last_train_loss,
+        "val_loss": float(val[0]["val/loss"]) if val else float("nan"),
+        "tokens_per_s": throughput.tokens_per_s,
+        "wall_s": None,
+        "run_dir": str(run_dir),
+        "tensorboard": str(run_dir / "tensorboard"),
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+    }
+    if trainer.is_global_zero:
+        model = module.model
+        if cfg.train.probe_facts > 0:
+            summary["fact_recall"] = fact_recall(model, tokenizer, cfg.data, n=cfg.train.probe_facts)
+        if cfg.train.export:
+            summary["export"] = str(save_pretrained(model, run_dir / "export", tokenizer, to_dict(cfg)))
+        summary["wall_s"] = time.perf_counter() - t_start
+        (run_dir / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False), encoding="utf-8")
+        print_summary(summary)
+    return summary
+
+
+@torch.no_grad()
+def _initial_val_loss(module, dm) -> float:
+    """Validation loss of the freshly initialized model on a few batches (the "step 0" reference)."""
+    dm.setup("fit")
+    losses = []
+    module.model.eval()
+    for i, (x, y) in enumerate(dm.val_dataloader()):
+        if i >= 5:
+            break
+        losses.append(float(module.model(x, y)[1]))
+    module.model.train()
+    return sum(losses) / len(losses) if losses else math.nan
+
+
+def print_summary(s: dict) -> None:
+    print("\n=== memlm training summary ===")
+    print(f"steps            {s['steps']}   wall {s['wall_s']:.0f} s")
+    print(
+        f"val loss         {s['initial_val_loss']:.3f} (step 0) -> {s['val_loss']:.3f}   train loss {s['train_loss']:.3f}"
+    )
+    print(f"throughput       {s['tokens_per_s']:.0f} tokens/s")
+    if "fact_recall" in s:
+        fr = s["fact_recall"]
+        print(f"fact recall      {fr['exact_match']:.1%} exact match on {fr['n']} pretraining facts")
+    print(f"checkpoint       {s['checkpoint']}")
+    if "export" in s:
+        print(f"export           {s['export']}   (memlm.load_pretrained)")
+    print(f"tensorboard      tensorboard --logdir {s['tensorboard']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, overrides = parse_args(argv)
+        cfg = resolve_config(args, overrides)
+        if args.print_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
+        train(cfg, args.ckpt_path)
+        return 0
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # DataError and other user-input errors raised as ValueError subclasses
+        from memlm.data.errors import DataError
+
+        if isinstance(e, DataError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise

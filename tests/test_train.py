@@ -1,0 +1,118 @@
+"""The training launcher end to end, through the same command a user types (tiny config, CPU, offline)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memlm
+from memlm.config import OptimConfig, load_run_config
+from memlm.training.schedule import group_lambdas, warmup_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "tests/fixtures/train/tiny.yaml"
+
+
+def run_train(*args: str, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEMLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "train.py", "--config", TINY, *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run (6 steps) shared by the tests below."""
+    base = tmp_path_factory.mktemp("train")
+    r = run_train(f"--train.run_dir={base}/runs", "--train.name=t", cache=base / "cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return base, r
+
+
+def test_train_export_load(trained):
+    base, r = trained
+    run = base / "runs" / "t"
+    assert "memlm training summary" in r.stdout
+    for f in ("config.yaml", "checkpoints/last.ckpt", "export/model.safetensors", "export/tokenizer", "summary.yaml"):
+        assert (run / f).exists(), f
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    model, tok = memlm.load_pretrained(run / "export")
+    assert tok is not None and model.cfg.vocab_size == tok.vocab_size
+    ids = tok.encode("The capital of France is", bos=True)
+    out = model.generate([ids], max_new_tokens=4)
+    assert len(out[0]) <= 4
+    # the Lightning checkpoint loads to the same weights
+    m2, _ = memlm.load_pretrained(run / "checkpoints" / "last.ckpt")
+    for (n, a), (_, b) in zip(model.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_resume_continues(trained):
+    base, _ = trained
+    r = run_train(f"--train.run_dir={base}/runs", "--train.name=t", "--trainer.max_steps=9", "--ckpt_path=last",
+                  cache=base / "cache")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "steps            9" in r.stdout
+
+
+def test_resume_wrong_architecture_is_one_clear_error(trained):
+    base, _ = trained
+    r = run_train(f"--train.run_dir={base}/runs", "--train.name=t", "--model.dim=48", "--ckpt_path=last",
+                  cache=base / "cache")  # fmt: skip
+    assert r.returncode == 2
+    assert "different architecture" in r.stderr and "dim" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model.dimm=3"], "model.dimm"),
+        (["--optim.lr=fast"], "optim.lr"),
+        (["--trainer.max_stepz=3"], "trainer.max_stepz"),
+        (["--config", "does/not/exist.yaml"], "not found"),
+        (["--ckpt_path=nope.ckpt"], "nope.ckpt"),
+    ],
+)
+def test_bad_input_exit_2(tmp_path, args, needle):
+    r = run_train(*args, f"--train.run_dir={tmp_path}", cache=tmp_path / "cache", timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_print_config_applies_overrides_in_order(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model: {dim: 48}\noptim: {lr: 0.5}\n")
+    r = subprocess.run(
+        [sys.executable, "train.py", "--config", TINY, "--config", str(extra), "--optim.lr=0.25", "--print_config"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    cfg = load_run_config([TINY, str(extra)], ["--optim.lr=0.25"])
+    assert cfg.model.dim == 48 and cfg.optim.lr == 0.25 and cfg.trainer["max_steps"] == 6
+    assert "dim: 48" in r.stdout and "lr: 0.25" in r.stdout
+
+
+def test_every_pretrain_config_parses():
+    for path in sorted((ROOT / "configs" / "pretrain").glob("*.yaml")):
+        cfg = load_run_config([path])
+        assert cfg.model.n_layers > 0, path
+
+
+def test_schedules():
+    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
+    groups = [{"name": "decay"}, {"name": "memory_values"}]
+    fixed = group_lambdas(groups, OptimConfig(warmup_steps=0, value_lr=1e-3), 100)
+    assert fixed[1](90) == 1.0 and fixed[0](90) < 0.2
+    # UltraMem: value lr multiplier lambda=4 decays linearly to 1 (on top of a constant schedule here)
+    ultra = group_lambdas(groups, OptimConfig(warmup_steps=0, value_lr_mult=4.0, value_lr_decay_to=1.0,
+                                              value_schedule="constant"), 100)  # fmt: skip
+    assert ultra[1](0) == pytest.approx(1.0) and ultra[1](100) == pytest.approx(0.25)
+    assert ultra[1](50) == pytest.approx(2.5 / 4)

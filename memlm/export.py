@@ -129,7 +129,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", with_t
         raise CheckpointError(f"{weights} is corrupted or not a safetensors file ({type(e).__name__}: {e})") from None
     if missing or unexpected:
         raise CheckpointError(
-            f"{weights} does not match its config.yaml (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+            f"{weights} does not match its config.yaml "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
     model.to(device).eval()
     tokenizer = None

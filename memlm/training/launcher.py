@@ -169,9 +169,8 @@ def _initial_val_loss(module, dm) -> float:
 def print_summary(s: dict) -> None:
     print("\n=== memlm training summary ===")
     print(f"steps            {s['steps']}   wall {s['wall_s']:.0f} s")
-    print(
-        f"val loss         {s['initial_val_loss']:.3f} (step 0) -> {s['val_loss']:.3f}   train loss {s['train_loss']:.3f}"
-    )
+    v0, v1, tl = s["initial_val_loss"], s["val_loss"], s["train_loss"]
+    print(f"val loss         {v0:.3f} (step 0) -> {v1:.3f}   train loss {tl:.3f}")
     print(f"throughput       {s['tokens_per_s']:.0f} tokens/s")
     if "fact_recall" in s:
         fr = s["fact_recall"]

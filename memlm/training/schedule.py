@@ -1,4 +1,4 @@
-"""Learning-rate schedules: linear warmup + cosine decay, and the value-group variants (fixed, UltraMem lambda decay)."""
+"""Learning-rate schedules: linear warmup + cosine decay; value-group variants (fixed, UltraMem lambda decay)."""
 
 from __future__ import annotations
 

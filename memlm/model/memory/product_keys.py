@@ -8,28 +8,65 @@ all slots costs O(n_keys): the top-k pairs always lie among the knn x knn sums o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-def product_topk(s1: torch.Tensor, s2: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``knn`` of ``s1[..., i] + s2[..., j]`` over all (i, j) pairs.
+def _candidates(s: torch.Tensor, knn: int, signed: bool) -> torch.Tensor:
+    """Candidate sub-key ids (..., c) of one half: its top-knn, plus its bottom-knn when ``signed``."""
+    n = s.shape[-1]
+    if not signed:
+        return s.topk(knn, dim=-1).indices  # (..., knn)
+    if 2 * knn >= n:  # top and bottom would overlap: every sub-key is a candidate
+        return torch.arange(n, device=s.device).expand(*s.shape[:-1], n)  # (..., n)
+    top = s.topk(knn, dim=-1).indices  # (..., knn)
+    bottom = s.topk(knn, dim=-1, largest=False).indices  # (..., knn)
+    return torch.cat([top, bottom], dim=-1)  # (..., 2 knn)
+
+
+def product_topk(
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    knn: int,
+    *,
+    signed: bool = False,
+    grid: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``knn`` of ``s1[..., i] + s2[..., j]`` over all (i, j) pairs (or of a rescored candidate grid).
 
     Args:
         s1, s2: (..., n_keys) scores of each half against its sub-keys.
         knn: number of slots to return (also the number of candidates kept per half).
+        signed: also keep each half's bottom-knn as candidates. Makes the search exact for the product
+            ``s1[i] * s2[j]`` of signed scores (UltraMem's rank-1 Tucker score): for a fixed j the best i is among
+            the top-knn of s1 when s2[j] > 0 and among the bottom-knn when s2[j] < 0.
+        grid: ``grid(i1, i2) -> (..., c1, c2)`` exact scores of the candidate pairs, for scores that are not the sum
+            of the halves (UltraMem's rank-r core rescoring); default: ``s1 + s2`` (``s1 * s2`` when ``signed``).
     Returns:
         scores (..., knn) sorted descending and slot indices (..., knn) = i * n_keys + j, in [0, n_keys**2).
     """
     n_keys = s1.shape[-1]
-    v1, i1 = s1.topk(knn, dim=-1)  # (..., knn)
-    v2, i2 = s2.topk(knn, dim=-1)  # (..., knn)
-    cand = v1.unsqueeze(-1) + v2.unsqueeze(-2)  # (..., knn, knn)
+    if not signed and grid is None:  # the PKM fast path
+        v1, i1 = s1.topk(knn, dim=-1)  # (..., knn)
+        v2, i2 = s2.topk(knn, dim=-1)  # (..., knn)
+        cand = v1.unsqueeze(-1) + v2.unsqueeze(-2)  # (..., knn, knn)
+        scores, flat = cand.flatten(-2).topk(knn, dim=-1)  # (..., knn)
+        rows = i1.gather(-1, flat // knn)  # (..., knn)
+        cols = i2.gather(-1, flat % knn)  # (..., knn)
+        return scores, rows * n_keys + cols
+    i1, i2 = _candidates(s1, knn, signed), _candidates(s2, knn, signed)  # (..., c1), (..., c2)
+    if grid is not None:
+        cand = grid(i1, i2)  # (..., c1, c2)
+    else:
+        a, b = s1.gather(-1, i1).unsqueeze(-1), s2.gather(-1, i2).unsqueeze(-2)  # (..., c1, 1), (..., 1, c2)
+        cand = a * b if signed else a + b  # (..., c1, c2)
+    c2 = i2.shape[-1]
     scores, flat = cand.flatten(-2).topk(knn, dim=-1)  # (..., knn)
-    rows = i1.gather(-1, flat // knn)  # (..., knn)
-    cols = i2.gather(-1, flat % knn)  # (..., knn)
+    rows = i1.gather(-1, flat // c2)  # (..., knn)
+    cols = i2.gather(-1, flat % c2)  # (..., knn)
     return scores, rows * n_keys + cols
 
 

@@ -47,7 +47,7 @@ def value_lookup(
     from memlm.model.memory import kernels  # local import: Triton is optional
 
     if impl == "triton" or kernels.available(table):
-        return kernels.triton_value_lookup(table, indices, weights)
+        return kernels.triton_value_lookup(table, indices, weights, sparse=sparse)
     return value_lookup_reference(table, indices, weights, sparse=sparse)
 
 

@@ -116,3 +116,22 @@ def test_schedules():
                                               value_schedule="constant"), 100)  # fmt: skip
     assert ultra[1](0) == pytest.approx(1.0) and ultra[1](100) == pytest.approx(0.25)
     assert ultra[1](50) == pytest.approx(2.5 / 4)
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    """2-process DDP on CPU (gloo) with the same global batch as one process gives the same loss curve."""
+    import json
+
+    common = ["--data.shuffle=false", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
+              "--train.export=false", "--trainer.accelerator=cpu"]  # fmt: skip
+    single = run_train(*common, f"--train.run_dir={tmp_path}", "--train.name=single", "--train.batch_size=4",
+                       cache=tmp_path / "cache")  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_train(*common, f"--train.run_dir={tmp_path}", "--train.name=ddp", "--train.batch_size=2",
+                    "--trainer.devices=2", "--trainer.strategy=ddp", cache=tmp_path / "cache")  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a = json.loads((tmp_path / "single" / "train_losses.json").read_text())
+    b = json.loads((tmp_path / "ddp" / "train_losses.json").read_text())
+    assert list(a) == list(b) == ["1", "2", "3", "4"]
+    for k in a:
+        assert abs(a[k] - b[k]) < 1e-4, (k, a[k], b[k])

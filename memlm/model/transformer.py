@@ -116,15 +116,26 @@ class Block(nn.Module):
         replace = has_memory and cfg.memory.mode == "replace"
         self.ffn = None if replace else SwiGLU(cfg.dim, cfg.hidden_dim)
         self.memory: MemoryLayer | None = build_memory_layer(cfg, layer_idx, shared_values) if has_memory else None
+        # skip-layer (UltraMem): the memory reads this block's input and MemLM adds its output after block i + skip
+        self.skip = cfg.memory.skip if has_memory else 0
+        self.mem_norm = RMSNorm(cfg.dim, cfg.norm_eps) if self.skip > 0 else None
+        if self.ffn is None and self.skip > 0:
+            self.ffn_norm = None  # nothing left in this block's FFN position
         self.drop = nn.Dropout(cfg.dropout)
+
+    def skip_read(self, x: torch.Tensor) -> torch.Tensor:
+        """The skip-layer memory's output for block input x (B, T, dim)."""
+        return self.drop(self.memory(self.mem_norm(x)))
 
     def forward(self, x, cos, sin, mask=None, cache=None, start=0):
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, start))
+        if self.ffn_norm is None:
+            return x
         h = self.ffn_norm(x)
         out = 0
         if self.ffn is not None:
             out = self.ffn(h)
-        if self.memory is not None:
+        if self.memory is not None and self.skip == 0:
             out = out + self.memory(h)
         return x + self.drop(out)
 
@@ -168,7 +179,8 @@ class MemLM(nn.Module):
                 m.reset_parameters()
             elif isinstance(m, (RMSNorm, nn.RMSNorm, nn.LayerNorm, nn.BatchNorm1d)):
                 m.reset_parameters()
-            elif hasattr(m, "reset_parameters") and isinstance(m, MemoryLayer):
+        for m in self.modules():  # after the generic rules, so a memory layer's own init (UltraMemV2, cores) wins
+            if isinstance(m, MemoryLayer) and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
 
     @property
@@ -179,10 +191,10 @@ class MemLM(nn.Module):
         """The distinct value tables (one when shared)."""
         seen, out = set(), []
         for layer in self.memory_layers:
-            t = layer.value_table
-            if id(t) not in seen:
-                seen.add(id(t))
-                out.append(t)
+            for t in layer.sparse_tables():  # value table (+ PEER's u, UltraMemV2's pre-values)
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
         return out
 
     def value_parameters(self) -> list[nn.Parameter]:
@@ -269,8 +281,13 @@ class MemLM(nn.Module):
         B, T = idx.shape
         cos, sin = self._rope(positions, start, T)
         x = self.tok_emb(idx)  # (B, T, dim)
+        pending: dict[int, list[torch.Tensor]] = {}  # skip-layer memory outputs, by the block they follow
         for i, block in enumerate(self.blocks):
+            if block.skip:
+                pending.setdefault(i + block.skip, []).append(block.skip_read(x))
             x = block(x, cos, sin, attn_mask, None if caches is None else caches[i], start)
+            for y in pending.pop(i, ()):
+                x = x + y
         logits = self.lm_head(self.norm(x)).float()  # (B, T, vocab)
         loss = None
         if targets is not None:

@@ -96,3 +96,25 @@ class SaveOnInterrupt(L.Callback):
         if isinstance(exception, KeyboardInterrupt):
             trainer.save_checkpoint(self.path)
             print(f"\ninterrupted: checkpoint saved to {self.path}")
+
+
+class LossRecorder(L.Callback):
+    """Keeps the global (all-rank mean) training loss of every step and writes them to ``path`` as JSON at the end —
+    for determinism / resume checks and DDP-vs-single-process comparisons."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        self.losses[trainer.global_step] = float(loss)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            import json
+
+            old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            old.update({str(k): v for k, v in self.losses.items()})  # a resumed run extends the curve
+            self.path.write_text(json.dumps(dict(sorted(old.items(), key=lambda kv: int(kv[0]))), indent=1))

@@ -46,7 +46,21 @@ def _trainer_kwargs(cfg: RunConfig, run_dir: Path) -> dict:
     kw.setdefault("precision", "bf16-mixed" if cuda else "32-true")
     kw.setdefault("default_root_dir", str(run_dir))
     kw.setdefault("num_sanity_val_steps", 0)
+    kw.setdefault("use_distributed_sampler", False)  # LMDataModule shards itself (and honours data.shuffle)
+    if kw.get("strategy") == "fsdp":
+        kw["strategy"] = fsdp_strategy()
     return kw
+
+
+def fsdp_strategy():
+    """FSDP with one unit per transformer block. The memory value table (Memory+: one pool shared by every memory
+    layer) stays in the root unit, so its rows, gradients and optimizer state are sharded across all ranks at rest and
+    gathered only for the forward/backward — the table is the model's bulk, this is where sharding pays."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from memlm.model.transformer import Block
+
+    return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", state_dict_type="full")
 
 
 def _resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -90,7 +104,7 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
 
     from memlm.data.datamodule import LMDataModule
     from memlm.export import save_pretrained
-    from memlm.training.callbacks import MemoryStats, SaveOnInterrupt, Throughput
+    from memlm.training.callbacks import LossRecorder, MemoryStats, SaveOnInterrupt, Throughput
     from memlm.training.module import LMModule
     from memlm.training.probes import fact_recall
 
@@ -122,6 +136,7 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
         throughput,
         stats,
         SaveOnInterrupt(run_dir / "checkpoints" / "interrupted.ckpt"),
+        LossRecorder(run_dir / "train_losses.json"),
     ]
     trainer = L.Trainer(logger=logger, callbacks=callbacks, **_trainer_kwargs(cfg, run_dir))
     first_loss = _initial_val_loss(module, dm)

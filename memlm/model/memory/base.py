@@ -34,3 +34,8 @@ class MemoryLayer(nn.Module):
     @property
     def value_table(self) -> nn.Module:
         raise NotImplementedError
+
+    def sparse_tables(self) -> list[nn.Module]:
+        """Every table this layer reads a few rows of per token (the optimizer's value group): the value table, plus
+        PEER's input-expert table and UltraMemV2's pre-value table."""
+        return [self.value_table]

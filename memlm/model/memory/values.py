@@ -51,6 +51,55 @@ def value_lookup(
     return value_lookup_reference(table, indices, weights, sparse=sparse)
 
 
+class _RowDot(torch.autograd.Function):
+    """out[..., k] = <table[indices[..., k]], x>; saves only indices and x for backward (not the gathered rows)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, sparse: bool) -> torch.Tensor:
+        rows = F.embedding(indices, table)  # (..., K, D): transient, not saved
+        out = torch.einsum("...kd,...d->...k", rows, x.to(rows.dtype))  # (..., K)
+        ctx.save_for_backward(indices, x)
+        ctx.table_shape, ctx.table_dtype, ctx.sparse = table.shape, table.dtype, sparse
+        ctx.table = table  # parameter (not an activation): kept by reference for grad_x
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        indices, x = ctx.saved_tensors
+        grad_table = grad_x = None
+        if ctx.needs_input_grad[2]:
+            # d out / d x = sum_k grad_k table[idx_k]: exactly the shared weighted lookup
+            grad_x = value_lookup(ctx.table.detach(), indices, grad).to(x.dtype)  # (..., D)
+        if ctx.needs_input_grad[0]:
+            d = ctx.table_shape[-1]
+            contrib = (grad.unsqueeze(-1) * x.unsqueeze(-2).to(grad.dtype)).reshape(-1, d)  # (M*K, D)
+            flat = indices.reshape(-1)  # (M*K,)
+            if ctx.sparse:
+                grad_table = torch.sparse_coo_tensor(
+                    flat.unsqueeze(0), contrib.to(ctx.table_dtype), ctx.table_shape, check_invariants=False
+                ).coalesce()
+            else:
+                grad_table = torch.zeros(ctx.table_shape, dtype=ctx.table_dtype, device=contrib.device)
+                grad_table.index_add_(0, flat, contrib.to(ctx.table_dtype))
+        return grad_table, None, grad_x, None
+
+
+def row_dot(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+    """Dot products of selected table rows with a per-position vector (PEER's input experts, UltraMemV2 pre-values).
+
+    Args:
+        table: (N, D) rows u_i.
+        indices: (..., K) row ids.
+        x: (..., D) one vector per position.
+        sparse: return a sparse gradient for ``table``.
+    Returns:
+        (..., K) with ``out[..., k] = <table[indices[..., k]], x>``. The (..., K, D) gathered rows exist only
+        transiently: backward recomputes nothing from them (grad of x is ``value_lookup(table, indices, grad)``,
+        grad of the table a row scatter of ``grad * x``), so activation memory is O(K), not O(K * D), per position.
+    """
+    return _RowDot.apply(table, indices, x, sparse)
+
+
 class ValueTable(nn.Module):
     """An (N, D) table of memory values; may be shared by several memory layers (Memory+ value pool)."""
 

@@ -1,0 +1,223 @@
+"""Background slot statistics for sparse memory finetuning (Lin et al. 2025, "Continual Learning via Sparse Memory
+Finetuning").
+
+The pretrained model is run over ``B`` batches of its pretraining data; for every memory slot we record its
+*document frequency* ``df(i)`` — in how many of those batches it was accessed (any token, head or top-k position) —
+and its total access count (the background distribution of the KL ranking). Statistics are kept per value table (what
+SMF ranks and updates; Memory+ layers share one table) and per memory layer (for inspection).
+
+The statistics are saved beside the checkpoint with a sha256 of its weights and the settings they were counted with,
+reused by later runs, and recomputed only when asked: statistics of another checkpoint are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+FILE_NAME = "smf_background.pt"
+FORMAT_VERSION = 1
+
+
+class BackgroundError(ValueError):
+    """Background statistics that cannot be used (another checkpoint, other settings, unreadable); says what to do."""
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and persistent buffer (names, shapes, dtypes and bytes), in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\x00".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def table_of_layers(model) -> list[int]:
+    """For each memory layer, the index of the value table it reads in ``model.value_tables()``."""
+    ids = {id(t): k for k, t in enumerate(model.value_tables())}
+    return [ids[id(layer.value_table)] for layer in model.memory_layers]
+
+
+def layer_counts(model, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per memory layer: (rows,) float64 access counts of its last forward (``last_indices`` (B, T, heads, knn)),
+    over the positions where ``mask`` (B, T) is True (all positions when None)."""
+    out = []
+    for layer in model.memory_layers:
+        idx = layer.last_indices
+        if idx is None:
+            raise RuntimeError("a memory layer kept no indices: run a forward with layer.record = True first")
+        n_rows = layer.value_table.weight.shape[0]
+        if mask is not None:
+            idx = idx[mask.to(idx.device)]  # (M, heads, knn)
+        out.append(torch.bincount(idx.reshape(-1), minlength=n_rows).double())  # (rows,)
+    return out
+
+
+def table_counts(model, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per value table: (rows,) float64 access counts of the last forward, summed over the layers that read it."""
+    tables = model.value_tables()
+    out = [torch.zeros(t.weight.shape[0], dtype=torch.float64, device=t.weight.device) for t in tables]
+    for k, c in zip(table_of_layers(model), layer_counts(model, mask)):
+        out[k] += c.to(out[k].device)
+    return out
+
+
+@dataclass
+class BackgroundStats:
+    """df and counts per value table and per memory layer, over ``n_batches`` background batches."""
+
+    n_batches: int
+    df: list[torch.Tensor]  # per table (rows,) int64: batches in which the row was accessed
+    counts: list[torch.Tensor]  # per table (rows,) float64: total accesses
+    layer_df: list[torch.Tensor]  # per memory layer (rows,) int64
+    weights_hash: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        """Atomic write (temp file + rename): a crash never leaves a half-written statistics file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": FORMAT_VERSION,
+            "n_batches": self.n_batches,
+            "df": [d.cpu() for d in self.df],
+            "counts": [c.cpu() for c in self.counts],
+            "layer_df": [d.cpu() for d in self.layer_df],
+            "weights_hash": self.weights_hash,
+            "settings": self.settings,
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> BackgroundStats:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise BackgroundError(f"{path} is not a readable background statistics file ({type(e).__name__}: {e})")
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
+            raise BackgroundError(f"{path} is not a memlm SMF background statistics file (format {FORMAT_VERSION})")
+        return cls(raw["n_batches"], raw["df"], raw["counts"], raw["layer_df"], raw["weights_hash"], raw["settings"])
+
+    def check(self, model, wh: str, settings: dict[str, Any], where: str) -> None:
+        """Refuse statistics of another checkpoint or counted with other settings."""
+        hint = "pass --smf.recompute_background=true to count them again for this checkpoint"
+        if self.weights_hash != wh:
+            raise BackgroundError(
+                f"background statistics {where} belong to another checkpoint (weights sha256 {self.weights_hash[:12]}"
+                f" != {wh[:12]}): {hint}"
+            )
+        diff = sorted(k for k in settings if self.settings.get(k) != settings[k])
+        if diff:
+            raise BackgroundError(f"background statistics {where} were counted with other settings ({diff}): {hint}")
+        rows = [t.weight.shape[0] for t in model.value_tables()]
+        if [d.numel() for d in self.df] != rows:
+            raise BackgroundError(f"background statistics {where} do not match the model's value tables {rows}")
+
+
+@torch.no_grad()
+def compute_background(
+    model, batches, n_batches: int, wh: str, settings: dict[str, Any] | None = None, progress: bool = True
+) -> BackgroundStats:
+    """Run ``model`` over the first ``n_batches`` of ``batches`` (``(x, y)`` or ``x`` tensors) and count slot use."""
+    if not model.memory_layers:
+        raise BackgroundError("the model has no memory layers: there are no slots to count")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    tables = model.value_tables()
+    df = [torch.zeros(t.weight.shape[0], dtype=torch.int64) for t in tables]
+    counts = [torch.zeros(t.weight.shape[0], dtype=torch.float64) for t in tables]
+    layer_df = [torch.zeros(layer.value_table.weight.shape[0], dtype=torch.int64) for layer in model.memory_layers]
+    seen = 0
+    bar = tqdm(total=n_batches, desc="SMF background counts", unit="batch", disable=not progress, leave=False)
+    for batch in batches:
+        if seen >= n_batches:
+            break
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        model(x.to(device))
+        for k, c in enumerate(table_counts(model)):
+            c = c.cpu()
+            df[k] += (c > 0).long()
+            counts[k] += c
+        for j, c in enumerate(layer_counts(model)):
+            layer_df[j] += (c.cpu() > 0).long()
+        seen += 1
+        bar.update(1)
+    bar.close()
+    model.train(was_training)
+    if seen == 0:
+        raise BackgroundError("no background batches: the pretraining data gave no batch")
+    return BackgroundStats(seen, df, counts, layer_df, wh, dict(settings or {}))
+
+
+def default_path(ckpt: str | Path) -> Path:
+    """Beside the checkpoint: inside an export directory, or ``<name>.smf_background.pt`` next to a ``.ckpt``."""
+    ckpt = Path(ckpt)
+    return ckpt / FILE_NAME if ckpt.is_dir() else ckpt.with_name(f"{ckpt.stem}.{FILE_NAME}")
+
+
+def pretraining_batches(data_cfg, tokenizer, seq_len: int, batch_size: int):
+    """Shuffled ``(x, y)`` batches of the checkpoint's pretraining data (its packed-token cache when present)."""
+    from memlm.data.datamodule import LMDataModule
+
+    dm = LMDataModule(data_cfg, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, num_workers=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm.train_dataloader()
+
+
+def load_or_compute(
+    model, tokenizer, ckpt: str | Path, run_config: dict[str, Any], smf, progress: bool = True
+) -> tuple[BackgroundStats, Path, bool]:
+    """The background statistics for ``model`` from ``ckpt``: reused when saved, else counted and saved.
+
+    Args:
+        run_config: the checkpoint's run config (its ``data`` section is the pretraining data).
+        smf: :class:`memlm.config.SMFConfig`.
+    Returns:
+        (stats, path, computed_now).
+    """
+    from memlm.config import ConfigError, DataConfig, from_dict, to_dict
+    from memlm.data.cache import sha256_json
+
+    if smf.background_data is not None:
+        data_cfg = smf.background_data
+    else:
+        try:
+            data_cfg = from_dict(DataConfig, run_config.get("data") or {}, prefix="data")
+        except ConfigError as e:
+            msg = f"the checkpoint's data config does not load ({e}); set smf.background_data"
+            raise BackgroundError(msg) from None
+    seq_len = smf.background_seq_len or model.cfg.max_seq_len
+    settings = {
+        "batch_size": smf.background_batch_size,
+        "seq_len": seq_len,
+        "data": sha256_json(to_dict(data_cfg))[:16],
+        "n_batches": smf.background_batches,
+    }
+    path = Path(smf.background_path) if smf.background_path else default_path(ckpt)
+    wh = weights_hash(model)
+    if path.is_file() and not smf.recompute_background:
+        stats = BackgroundStats.load(path)
+        stats.check(model, wh, settings, str(path))
+        return stats, path, False
+    batches = pretraining_batches(data_cfg, tokenizer, seq_len, smf.background_batch_size)
+    stats = compute_background(model, batches, smf.background_batches, wh, settings, progress)
+    stats.save(path)
+    return stats, path, True

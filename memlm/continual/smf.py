@@ -1,0 +1,154 @@
+"""Sparse memory finetuning (SMF) — Lin et al. 2025, "Continual Learning via Sparse Memory Finetuning".
+
+Per finetuning batch:
+
+1. count slot accesses ``c(i)`` over every token x head x top-k of the batch (``MemoryLayer.last_indices`` of the
+   training forward itself: no second forward), optionally only at answer tokens;
+2. rank the accessed slots against the background statistics (:mod:`memlm.continual.background`):
+   TF-IDF ``c(i)/sum(c) * log((|B|+1)/(df(i)+1))``, or KL ``p_b(i) * log(p_b(i)/p_bg(i))`` with
+   ``p_bg = (bg_count + 1) / (sum bg_count + N)`` (add-one smoothing of the background);
+3. update ONLY the top-t value rows, with row-sparse SGD (the paper: lr 2.0, no weight decay) or lazy Adam from
+   :mod:`memlm.model.memory.sparse_update`. Every other value row, its optimizer state, and every non-memory parameter
+   stays bitwise unchanged: non-value parameters are frozen (no gradient at all), and the row-sparse steps touch
+   nothing but the given rows (no weight decay, no stale momentum).
+
+Logged per step: slots selected, overlap with the previous step's selection, and the fraction of the batch's slot
+accesses that the selection covers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from memlm.config import FinetuneConfig
+from memlm.continual.background import BackgroundStats, table_counts
+from memlm.continual.methods import FinetuneMethod, check_method_applies, freeze_all_but
+from memlm.model.memory.sparse_update import RowSparseAdam, sgd_rows_
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ranking and selection (pure functions on count tables)
+
+
+def tfidf_scores(counts: torch.Tensor, df: torch.Tensor, n_batches: int) -> torch.Tensor:
+    """(N,) batch counts, (N,) background document frequencies -> (N,) TF-IDF scores (0 where not accessed)."""
+    counts = counts.double()
+    tf = counts / counts.sum().clamp_min(1.0)  # (N,)
+    idf = torch.log((n_batches + 1.0) / (df.double().to(counts.device) + 1.0))  # (N,)
+    return tf * idf
+
+
+def kl_scores(counts: torch.Tensor, bg_counts: torch.Tensor) -> torch.Tensor:
+    """(N,) batch counts, (N,) background counts -> (N,) KL terms ``p_b log(p_b / p_bg)`` (0 where not accessed)."""
+    counts = counts.double()
+    bg = bg_counts.double().to(counts.device)
+    p_b = counts / counts.sum().clamp_min(1.0)  # (N,)
+    p_bg = (bg + 1.0) / (bg.sum() + bg.numel())  # (N,) add-one smoothing: never 0
+    safe = torch.where(counts > 0, p_b, torch.ones_like(p_b))
+    return torch.where(counts > 0, p_b * torch.log(safe / p_bg), torch.zeros_like(p_b))
+
+
+def rank_scores(counts: torch.Tensor, stats: BackgroundStats, table: int, ranking: str) -> torch.Tensor:
+    if ranking == "tfidf":
+        return tfidf_scores(counts, stats.df[table], stats.n_batches)
+    if ranking == "kl":
+        return kl_scores(counts, stats.counts[table])
+    raise ValueError(f"unknown SMF ranking {ranking!r} (tfidf or kl)")
+
+
+def select_top_t(scores: torch.Tensor, counts: torch.Tensor, t: int) -> torch.Tensor:
+    """Sorted (<= t,) row ids: the t highest-scoring rows among those the batch accessed (ties -> lower id)."""
+    cand = (counts > 0).nonzero().squeeze(1)  # (C,) ascending
+    if cand.numel() > t:
+        top = torch.topk(scores[cand], t, sorted=False).indices  # (t,)
+        cand = cand[top]
+    return cand.sort().values
+
+
+def row_mask(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(n_rows,) bool mask of the selected rows (which value rows are trainable this step)."""
+    m = torch.zeros(n_rows, dtype=torch.bool, device=rows.device)
+    m[rows] = True
+    return m
+
+
+def rows_of_grad(grad: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of ``rows`` (sorted unique): dense -> index_select; sparse COO -> the rows it holds."""
+    if grad.is_sparse:
+        g = grad.coalesce()
+        idx, vals = g.indices()[0], g.values()  # (U,), (U, D)
+        keep = torch.isin(idx, rows)
+        return idx[keep], vals[keep]
+    return rows, grad.index_select(0, rows)  # (t,), (t, D)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the method
+
+
+class SparseMemoryFinetuning(FinetuneMethod):
+    """Only the top-t value rows of each batch are trainable; everything else is frozen, bitwise."""
+
+    name = "sparse_memory"
+
+    def __init__(self, model, cfg: FinetuneConfig, background: BackgroundStats) -> None:
+        super().__init__(model, cfg)
+        check_method_applies(model, cfg)
+        self.smf = cfg.smf
+        self.stats = background
+        self.tables = [t.weight for t in model.value_tables()]
+        if [w.shape[0] for w in self.tables] != [d.numel() for d in background.df]:
+            raise ValueError("background statistics do not match the model's value tables")
+        freeze_all_but(model, self.tables)
+        for layer in model.memory_layers:
+            layer.record = True
+        o = cfg.optim
+        self.opt = None
+        if o.name == "adam":
+            self.opt = RowSparseAdam(self.tables, lr=o.lr, betas=tuple(o.betas), eps=o.eps, per_row_step=o.per_row_step)
+        self.prev: list[torch.Tensor | None] = [None] * len(self.tables)
+        self.touched = [torch.zeros(w.shape[0], dtype=torch.bool, device=w.device) for w in self.tables]
+        self.last_rows: list[torch.Tensor] = []
+
+    def select(self, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(rows per table, counts per table) from the last forward's recorded indices."""
+        mask = batch.answer if self.smf.answer_only else batch.valid  # (B, T): padding never counts
+        counts = table_counts(self.model, mask)
+        rows = []
+        for k, c in enumerate(counts):
+            scores = rank_scores(c, self.stats, k, self.smf.ranking)
+            rows.append(select_top_t(scores, c, self.smf.top_t))
+        return rows, counts
+
+    @torch.no_grad()
+    def update(self, batch) -> dict[str, float]:
+        rows_per_table, counts = self.select(batch)
+        selected = overlap = covered = total = 0.0
+        self.last_rows = rows_per_table
+        for k, (w, rows, c) in enumerate(zip(self.tables, rows_per_table, counts)):
+            if w.grad is not None and rows.numel():
+                r, g = rows_of_grad(w.grad, rows)
+                if self.opt is None:
+                    sgd_rows_(w, r, g, self.cfg.optim.lr)
+                else:
+                    self.opt.step_rows(w, r, g)
+            self.touched[k][rows] = True
+            prev = self.prev[k]
+            if prev is not None and rows.numel():
+                overlap += float(torch.isin(rows, prev).sum())
+            self.prev[k] = rows
+            selected += rows.numel()
+            covered += float(c[rows].sum())
+            total += float(c.sum())
+        return {
+            "smf/selected": selected,
+            "smf/overlap_prev": overlap / selected if selected else 0.0,
+            "smf/access_coverage": covered / total if total else 0.0,
+        }
+
+    def summary(self) -> dict[str, float]:
+        n = sum(int(t.sum()) for t in self.touched)
+        rows = sum(t.numel() for t in self.touched)
+        return {"trainable_params": sum(w.numel() for w in self.tables), "rows_updated": n,
+                "rows_updated_frac": n / rows if rows else math.nan}  # fmt: skip

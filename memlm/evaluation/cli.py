@@ -1,0 +1,177 @@
+"""Command lines behind ``eval/run.py`` and ``eval/forgetting.py`` (kept here so the scripts stay thin).
+
+Errors a user causes (unknown task, bad task YAML, a path that is not a memlm checkpoint, bad QA data) print one
+line ``error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from memlm.config import ConfigError
+from memlm.data.errors import DataError
+from memlm.evaluation.forgetting import forgetting_report, format_report, plot_forgetting
+from memlm.evaluation.runner import evaluate, format_table
+from memlm.evaluation.tasks import TaskError, known_tasks, resolve_tasks
+from memlm.export import CheckpointError
+
+USER_ERRORS = (ConfigError, CheckpointError, DataError, TaskError)
+
+
+def checkpoint_hash(path: str | Path) -> str | None:
+    """sha256 of an export's model.safetensors (or of a .ckpt file)."""
+    p = Path(path)
+    f = p / "model.safetensors" if p.is_dir() else p
+    if not f.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_checkpoint(path: str | Path, tokenizer: str | None = None, device: str = "cpu"):
+    """(model, tokenizer, run_config, meta) of an export dir or a Lightning .ckpt."""
+    from memlm.export import MARKER, load_pretrained, read_export_config
+
+    model, tok = load_pretrained(path, device=device)
+    p = Path(path)
+    run_config, meta = {}, {}
+    if p.is_dir():
+        run_config = read_export_config(p)
+        try:
+            meta = json.loads((p / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+    if tokenizer:
+        from memlm.data.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(tokenizer)
+    if tok is None:
+        raise CheckpointError(f"{path} has no tokenizer; pass --tokenizer DIR")
+    return model, tok, run_config, meta
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tasks",
+        default="triviaqa,nq_open,worldfacts",
+        help="comma-separated task names, task .yaml files, QA .jsonl files, mc:FILE or ppl:FILE",
+    )
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir, if the checkpoint has none")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--task_dir", action="append", default=None, help="extra directory of task YAMLs")
+    p.add_argument("--no_cache", action="store_true", help="decode without the KV cache (slow; for comparisons)")
+    p.add_argument("--list_tasks", action="store_true", help="print the known task names and exit")
+
+
+def _run(args, ckpt: str) -> dict[str, Any]:
+    specs = resolve_tasks(args.tasks, args.task_dir)  # fail on a bad task before loading anything
+    model, tok, run_config, meta = load_checkpoint(ckpt, args.tokenizer, args.device)
+    t0 = time.perf_counter()
+    res = evaluate(
+        model, tok, specs, limit=args.limit, shots=args.shots, batch_size=args.batch_size,
+        predictions=getattr(args, "predictions", False), use_cache=not args.no_cache, run_config=run_config,
+        task_dirs=args.task_dir,
+    )  # fmt: skip
+    res["config"].update(
+        checkpoint=str(ckpt), checkpoint_sha256=checkpoint_hash(ckpt), step=meta.get("step"),
+        num_params=model.num_params(), device=args.device, seconds=round(time.perf_counter() - t0, 2),
+        tokenizer_sha256=getattr(tok, "hash", None),
+    )  # fmt: skip
+    return res
+
+
+def _guard(main):
+    def wrapped(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapped
+
+
+@_guard
+def run_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Evaluate a memlm checkpoint on QA / multiple-choice / perplexity tasks.")
+    p.add_argument("--ckpt", help="export directory or Lightning .ckpt")
+    _common_args(p)
+    p.add_argument("--out", default=None, help="write results JSON here")
+    p.add_argument("--predictions", action="store_true", help="include per-example predictions in the JSON")
+    p.add_argument("--tensorboard", default=None, help="also log the metrics to this TensorBoard directory")
+    args = p.parse_args(argv)
+    if args.list_tasks:
+        print("\n".join(known_tasks(args.task_dir)))
+        return 0
+    if not args.ckpt:
+        p.error("--ckpt is required")
+    res = _run(args, args.ckpt)
+    print(format_table(res))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        step = res["config"].get("step") or 0
+        with SummaryWriter(args.tensorboard) as w:
+            for task, e in res["tasks"].items():
+                for m in e["spec"]["metrics"]:
+                    w.add_scalar(f"eval/{task}/{m}", e["metrics"][m], step)
+        print(f"logged to TensorBoard at {args.tensorboard}")
+    return 0
+
+
+@_guard
+def forgetting_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Relative drops per task from a base checkpoint to finetuned ones.")
+    p.add_argument("--base", help="base checkpoint (export dir or .ckpt), or a results JSON of eval/run.py")
+    p.add_argument("--after", nargs="+", help="finetuned checkpoints (or results JSONs)")
+    p.add_argument("--out", default="runs/forgetting", help="output directory (forgetting.json, forgetting.png)")
+    _common_args(p)
+    args = p.parse_args(argv)
+    if args.list_tasks:
+        print("\n".join(known_tasks(args.task_dir)))
+        return 0
+    if not args.base or not args.after:
+        p.error("--base and --after are required")
+
+    def results_of(path: str) -> dict[str, Any]:
+        if path.endswith(".json") and Path(path).is_file():
+            try:
+                return json.loads(Path(path).read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise DataError(f"{path} is not a results JSON ({e})") from None
+        return _run(args, path)
+
+    base = results_of(args.base)
+    afters = [results_of(a) for a in args.after]
+    labels = [Path(a).name or str(a) for a in args.after]
+    if len(set(labels)) != len(labels):
+        labels = [f"{i + 1}:{lab}" for i, lab in enumerate(labels)]
+    report = forgetting_report(base, afters, labels=labels, base_label=Path(args.base).name or "base")
+    report["results"] = {"base": base, "after": afters}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "forgetting.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    png = plot_forgetting(report, out / "forgetting.png")
+    print(format_report(report))
+    print(f"wrote {out / 'forgetting.json'} and {png}")
+    return 0

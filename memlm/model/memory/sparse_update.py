@@ -1,0 +1,164 @@
+"""Row-sparse (lazy) optimizer updates for memory value tables.
+
+PKM (Lample et al. 2019) trains its values with sparse Adam; sparse memory finetuning (Lin et al. 2025) updates only
+the top-t value rows of a batch. Both need a step that touches ONLY the given rows: every other row of the parameter
+and of its optimizer state stays bitwise unchanged, so step time and memory traffic scale with the touched rows, not
+with the table. Pure torch (index_select / index_copy_), any device.
+
+- :func:`adam_rows_` / :func:`sgd_rows_`: functional steps on explicit ``(rows, grad_rows)``.
+- :class:`RowSparseAdam`: a ``torch.optim.Optimizer`` (param groups, lr schedulers, state_dict) that reads sparse COO
+  gradients (``value_lookup(..., sparse=True)``) or dense ones (rows with a non-zero gradient count as touched).
+  No weight decay (it would move untouched rows).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _check_rows(param: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+    if rows.dim() != 1 or grad_rows.shape != (rows.numel(), *param.shape[1:]):
+        raise ValueError(
+            f"rows must be (U,) and grad_rows (U, {', '.join(map(str, param.shape[1:]))}); "
+            f"got {tuple(rows.shape)} and {tuple(grad_rows.shape)}"
+        )
+
+
+@torch.no_grad()
+def sgd_rows_(param: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor, lr: float) -> None:
+    """``param[rows] -= lr * grad_rows`` in place (duplicate rows add up); other rows untouched."""
+    _check_rows(param, rows, grad_rows)
+    param.index_add_(0, rows, grad_rows.to(param.dtype), alpha=-lr)
+
+
+@torch.no_grad()
+def adam_rows_(
+    param: torch.Tensor,
+    rows: torch.Tensor,
+    grad_rows: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int | torch.Tensor,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
+    """One lazy Adam step on ``param[rows]`` (rows UNIQUE), updating the rows' moments in place.
+
+    Args:
+        param: (N, ...) parameter (fp32 or bf16; math in fp32).
+        rows: (U,) int64 unique row ids.
+        grad_rows: (U, ...) gradient of those rows.
+        exp_avg, exp_avg_sq: (N, ...) fp32 moment buffers.
+        step: the step number AFTER this update: an int (global count, as torch SparseAdam) or an (U,) tensor of
+            per-row counts (bias correction per row).
+    Same formula as ``torch.optim.Adam`` (no weight decay, no amsgrad) restricted to the rows.
+    """
+    _check_rows(param, rows, grad_rows)
+    beta1, beta2 = betas
+    g = grad_rows.to(torch.float32)  # (U, ...)
+    m = exp_avg.index_select(0, rows)  # (U, ...)
+    v = exp_avg_sq.index_select(0, rows)  # (U, ...)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    p = param.index_select(0, rows).to(torch.float32)  # (U, ...)
+    if isinstance(step, torch.Tensor):
+        t = step.to(torch.float64).view(-1, *([1] * (param.dim() - 1)))  # (U, 1, ...)
+        bc1 = 1 - beta1**t
+        bc2_sqrt = (1 - beta2**t).sqrt()
+        denom = (v.sqrt() / bc2_sqrt.to(torch.float32)).add_(eps)
+        p.sub_((lr / bc1).to(torch.float32) * m / denom)
+    else:
+        bc1 = 1 - beta1**step
+        bc2_sqrt = math.sqrt(1 - beta2**step)
+        denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bc1)
+    param.index_copy_(0, rows, p.to(param.dtype))
+    exp_avg.index_copy_(0, rows, m)
+    exp_avg_sq.index_copy_(0, rows, v)
+
+
+def coalesce_rows(rows: torch.Tensor, grad_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum gradients of duplicate rows: -> (sorted unique rows (U,), summed grads (U, ...))."""
+    uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)  # (U,), (R,)
+    out = torch.zeros(uniq.numel(), *grad_rows.shape[1:], device=grad_rows.device, dtype=grad_rows.dtype)
+    out.index_add_(0, inverse, grad_rows)  # (U, ...)
+    return uniq, out
+
+
+def grad_to_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A parameter gradient as (unique rows, grad rows): sparse COO -> its rows; dense -> rows with a non-zero."""
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        return grad.indices()[0], grad.values()  # (U,), (U, ...)
+    touched = grad.reshape(grad.shape[0], -1).ne(0).any(dim=1).nonzero().squeeze(1)  # (U,)
+    return touched, grad.index_select(0, touched)
+
+
+class RowSparseAdam(torch.optim.Optimizer):
+    """Lazy Adam: each step updates only the rows present in the gradient; all other rows and state stay bitwise.
+
+    Args:
+        params: parameters (or param groups) with a leading row dimension (value tables).
+        lr, betas, eps: as in Adam. No weight decay.
+        per_row_step: bias-correct each row with its own update count (a row first touched late gets the same
+            first step as at step 1); False (default) uses the global step count like ``torch.optim.SparseAdam``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        per_row_step: bool = False,
+    ) -> None:
+        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"invalid RowSparseAdam hyper-parameters: lr={lr}, betas={betas}, eps={eps}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, per_row_step=per_row_step))
+
+    def _state(self, param: torch.Tensor, per_row_step: bool) -> dict:
+        st = self.state[param]
+        if not st:
+            st["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+            st["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+            st["step"] = torch.zeros(param.shape[0], dtype=torch.int64, device=param.device) if per_row_step else 0
+        return st
+
+    def _find_group(self, param: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise ValueError("step_rows: the parameter is not managed by this optimizer")
+
+    @torch.no_grad()
+    def step_rows(self, param: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+        """Update ``param[rows]`` (rows unique) with ``grad_rows`` using its group's lr/betas/eps."""
+        group = self._find_group(param)
+        st = self._state(param, group["per_row_step"])
+        if group["per_row_step"]:
+            t = st["step"].index_select(0, rows) + 1  # (U,)
+            st["step"].index_copy_(0, rows, t)
+        else:
+            st["step"] += 1
+            t = st["step"]
+        adam_rows_(
+            param, rows, grad_rows, st["exp_avg"], st["exp_avg_sq"], t, group["lr"], group["betas"], group["eps"]
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Step every parameter that has a gradient, touching only its gradient's rows."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, grad_rows = grad_to_rows(p.grad)
+                self.step_rows(p, rows, grad_rows)
+        return loss

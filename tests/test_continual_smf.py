@@ -1,0 +1,167 @@
+"""Sparse memory finetuning: ranking on constructed count tables, background statistics, and the bitwise invariant
+(after any number of SMF steps, every value row that was never selected and every other parameter is unchanged)."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from memlm.config import FinetuneConfig
+from memlm.continual.background import (
+    BackgroundError,
+    BackgroundStats,
+    compute_background,
+    table_counts,
+    weights_hash,
+)
+from memlm.continual.smf import SparseMemoryFinetuning, kl_scores, row_mask, select_top_t, tfidf_scores
+from memlm.continual.stream import Batch
+from memlm.model import MemLM
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ranking
+
+
+def test_tfidf_on_constructed_table():
+    counts = torch.tensor([4.0, 2.0, 2.0, 0.0, 2.0])
+    df = torch.tensor([0, 9, 0, 0, 4])  # slot 1 is in 9 of 9 background batches, slot 4 in 4
+    s = tfidf_scores(counts, df, n_batches=9)
+    tf = counts / 10
+    want = tf * torch.log(torch.tensor([10.0, 1.0, 10.0, 10.0, 2.0]))
+    assert torch.allclose(s, want.double())
+    assert s[1] == 0 and s[3] == 0  # common in the background / not accessed
+    assert select_top_t(s, counts, 2).tolist() == [0, 2]  # highest scores, returned sorted
+    assert select_top_t(s, counts, 3).tolist() == [0, 2, 4]
+    # t larger than the number of accessed slots: every accessed slot, never an unaccessed one
+    assert select_top_t(s, counts, 5).tolist() == [0, 1, 2, 4]
+
+
+def test_kl_on_constructed_table():
+    counts = torch.tensor([3.0, 1.0, 0.0, 0.0])
+    bg = torch.tensor([0.0, 96.0, 0.0, 0.0])
+    s = kl_scores(counts, bg)
+    p_b = torch.tensor([0.75, 0.25, 0.0, 0.0], dtype=torch.float64)
+    p_bg = torch.tensor([1.0, 97.0, 1.0, 1.0], dtype=torch.float64) / 100  # add-one smoothing: (c + 1) / (96 + 4)
+    assert s[0] == pytest.approx(0.75 * math.log(0.75 / 0.01))
+    assert s[1] == pytest.approx(0.25 * math.log(0.25 / 0.97))  # negative: the slot is MORE common in the background
+    assert s[2] == 0 and s[3] == 0
+    assert torch.allclose(s[:2], (p_b * torch.log(p_b / p_bg))[:2])
+    assert select_top_t(s, counts, 1).tolist() == [0]
+
+
+def test_row_mask():
+    m = row_mask(torch.tensor([1, 3]), 5)
+    assert m.tolist() == [False, True, False, True, False]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# background statistics
+
+
+def _batches(n, B=3, T=8, vocab=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, vocab, (B, T), generator=g),) for _ in range(n)]
+
+
+def test_background_counts_and_hash(tmp_path):
+    model = MemLM(tiny_config())
+    wh = weights_hash(model)
+    stats = compute_background(model, _batches(6), n_batches=5, wh=wh, settings={"k": 1}, progress=False)
+    layer = model.memory_layers[0]
+    assert stats.n_batches == 5
+    assert int(stats.df[0].max()) <= 5 and int(stats.df[0].min()) >= 0
+    assert stats.counts[0].sum() == 5 * 3 * 8 * layer.heads * layer.knn  # every access counted once
+    assert torch.equal(stats.layer_df[0], stats.df[0])  # one layer reads the table
+    p = stats.save(tmp_path / "bg.pt")
+    back = BackgroundStats.load(p)
+    assert torch.equal(back.df[0], stats.df[0]) and back.weights_hash == wh
+    back.check(model, wh, {"k": 1}, "x")  # same checkpoint, same settings: fine
+    other = MemLM(tiny_config())  # another init -> other weights
+    with pytest.raises(BackgroundError, match="another checkpoint"):
+        back.check(other, weights_hash(other), {"k": 1}, "x")
+    with pytest.raises(BackgroundError, match="other settings"):
+        back.check(model, wh, {"k": 2}, "x")
+
+
+def test_answer_only_counts_respect_mask():
+    model = MemLM(tiny_config())
+    x = torch.randint(0, 64, (2, 6))
+    model(x)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 2] = True
+    c = table_counts(model, mask)[0]
+    layer = model.memory_layers[0]
+    assert c.sum() == layer.heads * layer.knn
+    assert torch.equal(c.nonzero().squeeze(1), layer.last_indices[0, 2].reshape(-1).unique())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the bitwise invariant
+
+
+def _random_stats(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    tables = model.value_tables()
+    n = 20
+    df = [torch.randint(0, n + 1, (t.weight.shape[0],), generator=g) for t in tables]
+    counts = [d.double() * 3 for d in df]
+    return BackgroundStats(n, df, counts, [df[0]], weights_hash(model), {})
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+@pytest.mark.parametrize("ranking", ["tfidf", "kl"])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_smf_only_selected_rows_move(optim, ranking, sparse_grad):
+    """Property test over random models, batches and several steps: after each step, value rows outside the step's
+    selection and every other parameter/buffer are bitwise unchanged; selected rows move."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = MemLM(tiny_config(sparse_grad=sparse_grad))
+        lr = 2.0 if optim == "sgd" else 1e-2
+        cfg = FinetuneConfig.from_dict({"method": "sparse_memory", "optim": {"name": optim, "lr": lr},
+                                        "smf": {"top_t": 5 + 3 * seed, "ranking": ranking}})  # fmt: skip
+        smf = SparseMemoryFinetuning(model, cfg, _random_stats(model, seed))
+        values = model.value_tables()[0].weight
+        ever = torch.zeros(values.shape[0], dtype=torch.bool)
+        g = torch.Generator().manual_seed(100 + seed)
+        for step in range(4):
+            B, T = 2 + step % 2, 5 + step
+            x = torch.randint(0, 64, (B, T), generator=g)
+            y = torch.randint(0, 64, (B, T), generator=g)
+            valid = torch.ones(B, T, dtype=torch.bool)
+            valid[0, -2:] = False  # padding positions neither count nor train
+            y[~valid] = -100
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            logs = smf.step(Batch(x, y, valid.clone(), valid))
+            rows = smf.last_rows[0]
+            assert 0 < rows.numel() <= cfg.smf.top_t and logs["smf/selected"] == rows.numel()
+            assert 0 < logs["smf/access_coverage"] <= 1 and 0 <= logs["smf/overlap_prev"] <= 1
+            sel = row_mask(rows, values.shape[0])
+            ever |= sel
+            after = model.state_dict()
+            for name, v in after.items():
+                if v.data_ptr() == values.data_ptr():
+                    assert torch.equal(v[~sel], before[name][~sel]), f"unselected rows moved ({name}, step {step})"
+                    assert not torch.equal(v[sel], before[name][sel]), "selected rows did not move"
+                else:
+                    assert torch.equal(v, before[name]), f"{name} moved at step {step}"
+            for p in model.parameters():
+                assert p.grad is None
+        if optim == "adam":  # optimizer state of never-selected rows is untouched too
+            st = smf.opt.state[values]
+            assert torch.all(st["exp_avg"][~ever] == 0) and torch.all(st["exp_avg_sq"][~ever] == 0)
+        assert smf.summary()["rows_updated"] == int(ever.sum())
+
+
+def test_smf_rejects_too_large_t_and_dense_model():
+    from memlm.config import ModelConfig
+    from memlm.continual.methods import MethodError
+
+    model = MemLM(tiny_config())
+    cfg = FinetuneConfig.from_dict({"method": "sparse_memory", "smf": {"top_t": 65}})  # the table has 8**2 = 64 rows
+    with pytest.raises(MethodError, match="top_t"):
+        SparseMemoryFinetuning(model, cfg, _random_stats(model, 0))
+    dense = MemLM(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=32))
+    with pytest.raises(MethodError, match="no memory layers|has none"):
+        SparseMemoryFinetuning(dense, FinetuneConfig(), None)

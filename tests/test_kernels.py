@@ -1,0 +1,309 @@
+"""Fused value-lookup kernels == the F.embedding_bag reference; row-sparse Adam == dense Adam on touched rows.
+
+With CUDA the Triton kernels are compiled and run on the GPU. Without it they run on CPU through the Triton
+interpreter, which must be switched on (TRITON_INTERPRET=1) before triton is first imported (triton's own library
+functions are decorated at import) and stay on while kernels run. If this module is imported before triton, it sets
+the variable itself (for the rest of the session: harmless without a GPU); if triton was already imported (e.g. by
+lightning in a whole-suite run), the kernel tests here skip and ``test_interpreter_in_subprocess`` reruns this file
+in a fresh interpreter-mode process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memlm.model.memory.sparse_update import RowSparseAdam, adam_rows_, coalesce_rows, grad_to_rows, sgd_rows_
+from memlm.model.memory.values import value_lookup, value_lookup_reference
+
+HAS_CUDA = torch.cuda.is_available()
+LOOKUP = "memlm.model.memory.kernels.lookup"
+_INTERP_ENV = os.environ.get("TRITON_INTERPRET") == "1"
+# on CPU, interpreter mode works in this process only if triton is not imported yet (or the env was set from the start)
+IN_PROCESS = HAS_CUDA or _INTERP_ENV or "triton" not in sys.modules
+try:
+    if not HAS_CUDA and IN_PROCESS:
+        # read when triton decorates its (and our) kernels and again when they run: it stays set (CPU-only machine)
+        os.environ["TRITON_INTERPRET"] = "1"
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+needs_cuda = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+
+# (N rows, D, leading shape, K): odd D, D over one 1024-column tile, K over one K tile, multi-dim leading shapes
+SHAPES = [(64, 48, (3, 5), 7), (40, 100, (6,), 3), (16, 1030, (2,), 9), (8, 64, (2, 2), 33)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def kern():
+    """(kernel module, device): compiled on CUDA, else interpreted on CPU."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if not IN_PROCESS:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; see test_interpreter_in_subprocess")
+    return importlib.import_module(LOOKUP), ("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.mark.skipif(IN_PROCESS or not HAS_TRITON, reason="kernel tests already run in this process")
+def test_interpreter_in_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "not subprocess"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+def _inputs(n, d, lead, k, dtype, device, seed=0, dup=True):
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(n, d, generator=g).to(dtype)  # (N, D)
+    idx = torch.randint(0, n, (*lead, k), generator=g)  # (..., K)
+    if dup and k > 1:
+        idx[..., 1] = idx[..., 0]  # the same row twice in every bag
+    w = torch.randn(*lead, k, generator=g)  # (..., K) fp32, like softmax scores
+    gout = torch.randn(*lead, d, generator=g).to(dtype)  # (..., D)
+    return table.to(device), idx.to(device), w.to(device), gout.to(device)
+
+
+def _reference(table, idx, w, gout):
+    """float64 reference (output, dense table grad, weights grad) from the same (rounded) inputs."""
+    t = table.detach().cpu().double().requires_grad_()
+    wr = w.detach().cpu().double().requires_grad_()
+    out = value_lookup_reference(t, idx.cpu(), wr)
+    out.backward(gout.cpu().double())
+    return out.detach(), t.grad, wr.grad
+
+
+def _tol(dtype):
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_reference(kern, shape, dtype):
+    mod, dev = kern
+    table, idx, w, gout = _inputs(*shape, dtype, dev)
+    out = mod.lookup_forward(table, idx, w)
+    ref, _, _ = _reference(table, idx, w, gout)
+    assert out.dtype == dtype and out.shape == (*shape[2], shape[1])
+    torch.testing.assert_close(out.cpu().double(), ref, **_tol(dtype))
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "atomic"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_matches_reference(kern, shape, dtype, mode):
+    mod, dev = kern
+    n, d = shape[:2]
+    table, idx, w, gout = _inputs(*shape, dtype, dev)
+    rows, gtab, gw = mod.lookup_backward(table, idx, w, gout, mode=mode)
+    _, ref_gt, ref_gw = _reference(table, idx, w, gout)
+    if mode == "sparse":
+        assert torch.equal(rows.cpu(), torch.unique(idx.cpu()))  # sorted unique touched rows
+        full = torch.zeros(n, d, dtype=torch.float64)
+        full[rows.cpu()] = gtab.cpu().double()
+        gtab = full
+    assert gw.dtype == w.dtype and gw.shape == w.shape
+    torch.testing.assert_close(gtab.cpu().double(), ref_gt, **_tol(dtype))
+    torch.testing.assert_close(gw.cpu().double(), ref_gw, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_autograd_through_value_lookup(kern, sparse):
+    mod, dev = kern
+    table, idx, w, gout = _inputs(50, 36, (4, 3), 6, torch.float32, dev)
+    t = table.clone().requires_grad_()
+    wr = w.clone().requires_grad_()
+    out = value_lookup(t, idx, wr, sparse=sparse, impl="triton")
+    out.backward(gout)
+    ref_out, ref_gt, ref_gw = _reference(table, idx, w, gout)
+    torch.testing.assert_close(out.detach().cpu().double(), ref_out, atol=1e-5, rtol=1e-5)
+    assert t.grad.is_sparse == sparse
+    gt = t.grad.to_dense() if sparse else t.grad
+    torch.testing.assert_close(gt.cpu().double(), ref_gt, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wr.grad.cpu().double(), ref_gw, atol=1e-5, rtol=1e-5)
+    if sparse:  # usable by the row-sparse optimizer as is
+        rows, grad_rows = grad_to_rows(t.grad)
+        assert torch.equal(rows.cpu(), torch.unique(idx.cpu()))
+
+
+def test_only_weights_or_only_table_need_grad(kern):
+    mod, dev = kern
+    table, idx, w, gout = _inputs(30, 20, (5,), 4, torch.float32, dev)
+    _, ref_gt, ref_gw = _reference(table, idx, w, gout)
+    wr = w.clone().requires_grad_()
+    value_lookup(table, idx, wr, impl="triton").backward(gout)
+    torch.testing.assert_close(wr.grad.cpu().double(), ref_gw, atol=1e-5, rtol=1e-5)
+    t = table.clone().requires_grad_()
+    value_lookup(t, idx, w, impl="triton").backward(gout)
+    torch.testing.assert_close(t.grad.cpu().double(), ref_gt, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_deterministic_bitwise(kern, mode):
+    mod, dev = kern
+    # few rows, many bags: every row is read many times, so the summation order matters
+    table, idx, w, gout = _inputs(6, 40, (24,), 8, torch.float32, dev, seed=3)
+    outs = [mod.lookup_forward(table, idx, w) for _ in range(2)]
+    grads = [mod.lookup_backward(table, idx, w, gout, mode=mode) for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][2], grads[1][2])
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_heavy_rows_chunked_pass(kern, monkeypatch, mode, dtype):
+    """Rows read more than CONFIG['bwd_cap'] times take the chunked path; same result, still deterministic."""
+    mod, dev = kern
+    monkeypatch.setitem(mod.CONFIG, "bwd_cap", 3)
+    table, idx, w, gout = _inputs(7, 100, (30,), 6, dtype, dev, seed=4)
+    idx[:5, :] = 2  # one hot row next to rows just over the cap
+    n, d = table.shape
+    _, ref_gt, ref_gw = _reference(table, idx, w, gout)
+    res = [mod.lookup_backward(table, idx, w, gout, mode=mode) for _ in range(2)]
+    rows, gtab, gw = res[0]
+    if mode == "sparse":
+        full = torch.zeros(n, d, dtype=torch.float64)
+        full[rows.cpu()] = gtab.cpu().double()
+        gtab = full
+    torch.testing.assert_close(gtab.cpu().double(), ref_gt, **_tol(dtype))
+    torch.testing.assert_close(gw.cpu().double(), ref_gw, atol=1e-4, rtol=1e-4)
+    assert torch.equal(res[0][1], res[1][1]) and torch.equal(res[0][2], res[1][2])
+
+
+def test_empty_and_errors(kern):
+    mod, dev = kern
+    table = torch.randn(10, 12, device=dev)
+    idx = torch.zeros(0, 4, dtype=torch.long, device=dev)
+    w = torch.zeros(0, 4, device=dev)
+    assert mod.lookup_forward(table, idx, w).shape == (0, 12)
+    _, gt, gw = mod.lookup_backward(table, idx, w, torch.zeros(0, 12, device=dev))
+    assert gt.shape == (10, 12) and not gt.any() and gw.shape == (0, 4)
+    with pytest.raises(ValueError, match="same shape"):
+        mod.value_lookup(table, torch.zeros(3, 4, dtype=torch.long, device=dev), torch.zeros(3, 5, device=dev))
+    with pytest.raises(ValueError, match="mode"):
+        mod.lookup_backward(table, idx, w, torch.zeros(0, 12, device=dev), mode="nope")
+
+
+def test_lookup_backward_rows_api(kern):
+    from memlm.model.memory import kernels
+
+    mod, dev = kern
+    table, idx, w, gout = _inputs(20, 16, (5,), 4, torch.float32, dev)
+    rows, grad_rows, gw = kernels.lookup_backward_rows(table, idx, w, gout)
+    _, ref_gt, _ = _reference(table, idx, w, gout)
+    torch.testing.assert_close(grad_rows.cpu().double(), ref_gt[rows.cpu()], atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+def test_cuda_dispatch_larger_bf16():
+    from memlm.model.memory import kernels
+
+    table, idx, w, gout = _inputs(4096, 1024, (256, 4), 32, torch.bfloat16, "cuda", seed=5)
+    assert kernels.available(table)
+    t = table.clone().requires_grad_()
+    wr = w.clone().requires_grad_()
+    out = value_lookup(t, idx, wr)  # impl="auto" picks the Triton path on CUDA
+    assert "ValueLookupFunction" in type(out.grad_fn).__name__
+    out.backward(gout)
+    ref_out, ref_gt, ref_gw = _reference(table, idx, w, gout)
+    torch.testing.assert_close(out.detach().cpu().double(), ref_out, atol=5e-2, rtol=1e-2)
+    torch.testing.assert_close(t.grad.cpu().double(), ref_gt, atol=5e-2, rtol=1e-2)
+    torch.testing.assert_close(wr.grad.cpu().double(), ref_gw, atol=1e-3, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# row-sparse optimizer updates (pure torch, no Triton)
+
+
+def _sparse_grad(n, d, rows, gen):
+    vals = torch.randn(rows.numel(), d, generator=gen)  # (R, D)
+    return torch.sparse_coo_tensor(rows[None], vals, (n, d), check_invariants=True).coalesce()
+
+
+def test_row_sparse_adam_equals_dense_adam_on_fixed_rows():
+    gen = torch.Generator().manual_seed(0)
+    n, d = 20, 8
+    init = torch.randn(n, d, generator=gen)
+    rows = torch.tensor([1, 4, 5, 11, 19])
+    dense_p = init.clone().requires_grad_()
+    sparse_p = init.clone().requires_grad_()
+    dense_opt = torch.optim.Adam([dense_p], lr=1e-2, foreach=False)
+    sparse_opt = RowSparseAdam([sparse_p], lr=1e-2)
+    for _ in range(4):
+        g = _sparse_grad(n, d, rows, gen)
+        dense_p.grad = g.to_dense()
+        sparse_p.grad = g
+        dense_opt.step()
+        sparse_opt.step()
+    torch.testing.assert_close(sparse_p[rows], dense_p[rows], atol=0, rtol=1e-6)
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(sparse_p[untouched], init[untouched])
+
+
+def test_row_sparse_adam_varying_rows_matches_sparse_adam_and_leaves_rest_bitwise():
+    gen = torch.Generator().manual_seed(1)
+    n, d = 30, 6
+    init = torch.randn(n, d, generator=gen)
+    ref_p = init.clone().requires_grad_()
+    p = init.clone().requires_grad_()
+    ref_opt = torch.optim.SparseAdam([ref_p], lr=1e-2)
+    opt = RowSparseAdam([p], lr=1e-2)
+    for _ in range(5):
+        rows = torch.randperm(n, generator=gen)[:7]
+        before_p, before_m = p.detach().clone(), opt.state[p]["exp_avg"].clone() if opt.state[p] else None
+        g = _sparse_grad(n, d, rows, gen)
+        ref_p.grad, p.grad = g, g
+        ref_opt.step()
+        opt.step()
+        torch.testing.assert_close(p, ref_p, atol=1e-5, rtol=1e-5)  # SparseAdam rounds differently
+        other = torch.ones(n, dtype=torch.bool)
+        other[rows] = False
+        assert torch.equal(p.detach()[other], before_p[other])
+        if before_m is not None:
+            assert torch.equal(opt.state[p]["exp_avg"][other], before_m[other])
+
+
+def test_row_sparse_adam_per_row_step_and_dense_grad_rows():
+    gen = torch.Generator().manual_seed(2)
+    n, d = 10, 4
+    p = torch.randn(n, d, generator=gen, requires_grad=True)
+    opt = RowSparseAdam([p], lr=0.1, per_row_step=True)
+    p.grad = torch.zeros(n, d)
+    p.grad[3] = 1.0  # dense gradient: the non-zero rows are the touched ones
+    opt.step()
+    assert opt.state[p]["step"].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    p.grad = torch.zeros(n, d)
+    p.grad[7] = -1.0
+    before = p.detach().clone()
+    opt.step()
+    # row 7's first update is a bias-corrected first Adam step: exactly -lr * sign(g) (up to eps)
+    torch.testing.assert_close(p.detach()[7] - before[7], torch.full((d,), 0.1), atol=1e-6, rtol=0)
+    assert torch.equal(p.detach()[3], before[3])
+    assert opt.state[p]["step"].tolist() == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0]
+
+
+def test_adam_rows_functional_bf16_and_sgd_and_coalesce():
+    n, d = 12, 5
+    p = torch.randn(n, d).to(torch.bfloat16)
+    m, v = torch.zeros(n, d), torch.zeros(n, d)
+    before = p.clone()
+    rows = torch.tensor([2, 9])
+    adam_rows_(p, rows, torch.ones(2, d), m, v, step=1, lr=0.5)
+    assert torch.equal(p[[0, 1, 3]], before[[0, 1, 3]]) and not torch.equal(p[2], before[2])
+    q = torch.zeros(n, d)
+    sgd_rows_(q, rows, torch.ones(2, d), lr=2.0)
+    assert q[2].eq(-2.0).all() and q.sum() == -2.0 * 2 * d
+    uniq, summed = coalesce_rows(torch.tensor([4, 1, 4]), torch.ones(3, d))
+    assert uniq.tolist() == [1, 4] and summed[:, 0].tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match="grad_rows"):
+        sgd_rows_(q, rows, torch.ones(3, d), lr=1.0)

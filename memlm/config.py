@@ -597,10 +597,18 @@ class RunConfig(_YamlMixin):
 def load_run_config(paths: list[str | Path] | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
     """defaults < YAML files (merged in order) < overrides (``--a.b=c`` strings or a nested dict)."""
     data: dict[str, Any] = {}
-    for p in paths or []:
-        data = deep_merge(data, read_yaml(p))
-    if overrides:
-        data = deep_merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
+    layers = [read_yaml(p) for p in paths or []]
+    if isinstance(overrides, dict):
+        layers.append(overrides)
+    elif overrides:
+        named = [a for a in overrides if a.startswith("--model=")]  # a model file first, field overrides on top
+        layers += [{"model": a.split("=", 1)[1]} for a in named]
+        layers.append(parse_overrides([a for a in overrides if a not in named]))
+    for layer in layers:
+        if isinstance(layer.get("model"), str):  # `model: configs/model/x.yaml` (or --model=...) names a model YAML
+            layer = {**layer, "model": read_yaml(layer["model"])}
+            data.pop("model", None)  # a named model file replaces the model section instead of merging into it
+        data = deep_merge(data, layer)
     if "trainer" in data:  # trainer args merge over the defaults instead of replacing them
         data["trainer"] = deep_merge(_default_trainer(), data["trainer"] or {})
     return from_dict(RunConfig, data)
@@ -790,8 +798,16 @@ def load_finetune_config(
 ) -> FinetuneConfig:
     """defaults < YAML files (merged in order) < overrides (``--a.b=c`` strings or a nested dict)."""
     data: dict[str, Any] = {}
-    for p in paths or []:
-        data = deep_merge(data, read_yaml(p))
-    if overrides:
-        data = deep_merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
+    layers = [read_yaml(p) for p in paths or []]
+    if isinstance(overrides, dict):
+        layers.append(overrides)
+    elif overrides:
+        named = [a for a in overrides if a.startswith("--model=")]  # a model file first, field overrides on top
+        layers += [{"model": a.split("=", 1)[1]} for a in named]
+        layers.append(parse_overrides([a for a in overrides if a not in named]))
+    for layer in layers:
+        if isinstance(layer.get("model"), str):  # `model: configs/model/x.yaml` (or --model=...) names a model YAML
+            layer = {**layer, "model": read_yaml(layer["model"])}
+            data.pop("model", None)  # a named model file replaces the model section instead of merging into it
+        data = deep_merge(data, layer)
     return from_dict(FinetuneConfig, data)

@@ -150,8 +150,7 @@ def run(
             _log_stage(writer, summary)
             full = {**summary, "results": stage_eval.strip_predictions(results)}
             atomic_write_json(out / f"stage_{k + 1}.json", full)
-            if progress:
-                _print_stage(cfg.run_name, summary)
+            _print_stage(cfg.run_name, summary)
     finally:
         writer.close()
     result = {

@@ -19,7 +19,7 @@ from memlm.data.cache import atomic_write_bytes, atomic_write_json, cache_root, 
 from memlm.data.errors import DataError, log
 
 MODEL_FILE, META_FILE = "tokenizer.model", "tokenizer.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bumped when training settings change
 
 
 class Tokenizer:
@@ -153,6 +153,7 @@ class Tokenizer:
                 spm.SentencePieceTrainer.train(
                     input=inp, model_prefix=os.path.join(tmp, "sp"), vocab_size=vocab_size, model_type=model_type,
                     byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, split_digits=True,
+                    user_defined_symbols=["\n"],  # keep newlines (QA prompts stop on them); NFKC maps them to spaces
                     input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
                     character_coverage=character_coverage, max_sentence_length=16384,
                     num_threads=os.cpu_count() or 1, minloglevel=2,

@@ -1,16 +1,21 @@
 """Speed benchmarks for memlm memory layers (issue 8): prints a table per section and writes JSON.
 
-Sections (``--sections a,b,c,d``):
+Sections (``--sections a,b,c,d,e``):
   a  value lookup forward+backward vs. the bandwidth floor (bytes that must move / device copy bandwidth measured in
      the same run) and vs. stock PyTorch (fp32 F.embedding_bag; the bf16 gather fallback, since PyTorch has no bf16
      CUDA backward for embedding_bag with per-sample weights).
-  b  Memory+ training tokens/s vs. its equal-FLOP dense baseline            (not implemented yet)
-  c  training-step time as slots grow 16x, dense Adam vs. row-sparse        (not implemented yet)
-  d  retrieval time vs. slot count                                         (not implemented yet)
+  b  training tokens/s (forward + backward + clipping + optimizer step, bf16 autocast on GPU) of Memory+
+     (configs/model/small_memory_plus.yaml) vs. its equal-FLOP dense baseline (``memlm.model.dense_matched_config``),
+     with dense AdamW and with row-sparse value updates.
+  c  full training-step time as the slot count grows 16x at fixed width: dense AdamW vs. row-sparse value updates.
+  d  product-key retrieval time vs. slot count (should grow like sqrt(N): two n_keys-row sub-key tables).
+  e  one Memory+ layer forward+backward at the PAPERS.md reference size (d=1024, 16k tokens, 1M slots, 4 x 32)
+     vs. a dense 4x FFN: time and peak memory ratios.
 
 Usage:
-    python eval/speed.py --sections a --out runs/speed.json           # GPU reference sizes
-    python eval/speed.py --sections a --device cpu --quick            # tiny CPU smoke run
+    python eval/speed.py --out runs/speed.json                            # all sections, GPU reference sizes
+    python eval/speed.py --sections b,c --out runs/speed.json
+    python eval/speed.py --device cpu --quick                             # tiny CPU smoke run (< 1 min)
 
 Each section is a function ``(args, device, bandwidth) -> dict`` registered in ``SECTIONS``; it prints its own table
 and returns JSON-able rows.
@@ -18,21 +23,34 @@ and returns JSON-able rows.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
+import os
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# run as a script, eval/ is sys.path[0]: keep sibling scripts (e.g. eval/inspect.py) from shadowing stdlib modules
+sys.path[:] = [q for q in sys.path if os.path.abspath(q or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from memlm.config import MemoryConfig, ModelConfig, OptimConfig  # noqa: E402
+from memlm.model import MemLM, dense_matched_config, flops_per_token, param_counts  # noqa: E402
 from memlm.model.memory import kernels  # noqa: E402
+from memlm.model.memory.pkm import ProductKeyMemory  # noqa: E402
+from memlm.model.memory.product_keys import ProductKeys  # noqa: E402
+from memlm.training.module import build_optimizer, clip_grad_norm_sparse_  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # timing helpers
@@ -212,25 +230,272 @@ def section_lookup(args: argparse.Namespace, device: torch.device, bandwidth: fl
     return dict(results=results)
 
 
-def _not_implemented(name: str) -> Callable[[argparse.Namespace, torch.device, float], dict]:
-    def run(args, device, bandwidth):
-        print(f"\n({name}) not implemented yet (issue 8)")
-        return dict(status="not implemented")
+# ----------------------------------------------------------------------------------------------------------------------
+# (b), (c) whole training steps
 
-    return run
+
+def _tiny_model_cfg() -> ModelConfig:
+    """The --quick stand-in for small_memory_plus.yaml (CPU seconds)."""
+    mem = MemoryConfig(kind="memory_plus", layers=[1], n_keys=16, heads=2, knn=4, k_dim=32)
+    return ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=2, max_seq_len=64, memory=mem)
+
+
+def _memory_cfg(args: argparse.Namespace) -> ModelConfig:
+    if args.quick:
+        return _tiny_model_cfg()
+    return ModelConfig.from_yaml(ROOT / "configs" / "model" / "small_memory_plus.yaml")
+
+
+def _with_memory(cfg: ModelConfig, **kw) -> ModelConfig:
+    return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **kw))
+
+
+class _TrainStep:
+    """One full training step as the trainer runs it: forward, backward, separate dense / value clipping, optimizer
+    step (``memlm.training.module.build_optimizer``: AdamW or AdamW + row-sparse values)."""
+
+    def __init__(self, cfg: ModelConfig, value_optimizer: str, device: torch.device, batch: int, seq: int) -> None:
+        sparse = value_optimizer == "row_sparse_adam" and cfg.memory is not None
+        if sparse:
+            cfg = _with_memory(cfg, sparse_grad=True)
+        torch.manual_seed(0)
+        with torch.device(device):  # allocate (1M-slot tables) directly on the device
+            self.model = MemLM(cfg)
+        self.optim_cfg = OptimConfig(value_lr=1e-3, value_optimizer=value_optimizer)
+        self.opt = build_optimizer(self.model, self.optim_cfg, fused=device.type == "cuda")
+        self.device = device
+        g = torch.Generator(device="cpu").manual_seed(0)
+        seqs = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(device)  # (B, T+1)
+        self.x, self.y = seqs[:, :-1], seqs[:, 1:]  # (B, T)
+        values = {id(p) for p in self.model.value_parameters()}
+        self.dense = [p for p in self.model.parameters() if id(p) not in values]
+        self.values = [p for p in self.model.parameters() if id(p) in values]
+
+    def forward_backward(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            _, loss = self.model(self.x, self.y)
+        loss.backward()
+
+    def __call__(self) -> None:
+        self.forward_backward()
+        o = self.optim_cfg
+        clip_grad_norm_sparse_([p for p in self.dense if p.grad is not None], o.grad_clip)
+        if self.values:
+            clip_grad_norm_sparse_([p for p in self.values if p.grad is not None], o.value_grad_clip)
+        self.opt.step()
+
+    def unique_rows(self) -> int:
+        """Distinct value rows read in the last forward (what a row-sparse step touches)."""
+        idx = [m.last_indices.flatten() for m in self.model.memory_layers]
+        return int(torch.cat(idx).unique().numel()) if idx else 0
+
+    def close(self) -> None:
+        del self.model, self.opt, self.dense, self.values
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def section_tokens_per_s(args: argparse.Namespace, device: torch.device, bandwidth: float) -> dict:
+    """(b) training tokens/s of Memory+ vs. its equal-FLOP dense baseline."""
+    mem_cfg = _memory_cfg(args)
+    dense_cfg = dense_matched_config(mem_cfg)
+    batch, seq = args.batch, mem_cfg.max_seq_len
+    tokens = batch * seq
+    info = {}
+    for name, c in (("memory_plus", mem_cfg), ("dense", dense_cfg)):
+        pc = param_counts(c)
+        info[name] = dict(total_params=pc["total"], active_params=pc["active"], flops_per_token=flops_per_token(c))
+    cases = [("dense", dense_cfg, "adamw"), ("memory_plus", mem_cfg, "adamw"),
+             ("memory_plus", mem_cfg, "row_sparse_adam")]  # fmt: skip
+    rows, lines = [], []
+    it = dict(warmup=args.warmup, iters=args.iters)
+    for name, c, opt in cases:
+        step = _TrainStep(c, opt, device, batch, seq)
+        fb = time_ms(step.forward_backward, device, **it)
+        ms = time_ms(step, device, **it)
+        step.close()
+        rows.append(dict(model=name, value_optimizer=opt, step_ms=ms, fwd_bwd_ms=fb, tokens_per_s=tokens / ms * 1e3))
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["vs_dense"] = r["tokens_per_s"] / base
+        fl = info[r["model"]]["flops_per_token"]
+        lines.append([r["model"], r["value_optimizer"], r["fwd_bwd_ms"], r["step_ms"], r["tokens_per_s"], r["vs_dense"],
+                      fl / 1e6, info[r["model"]]["total_params"] / 1e6])  # fmt: skip
+    _print_table(
+        f"(b) training tokens/s, {batch} x {seq} tokens per step, "
+        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; dense baseline = dense_matched_config "
+        f"(ffn_hidden {dense_cfg.hidden_dim}, equal forward FLOPs/token)",
+        ["model", "optimizer", "fwd+bwd ms", "step ms", "tokens/s", "x dense", "MFLOP/token", "params M"],
+        lines,
+    )
+    return dict(batch=batch, seq_len=seq, configs=info, dense_ffn_hidden=dense_cfg.hidden_dim, results=rows)
+
+
+def section_slot_scaling(args: argparse.Namespace, device: torch.device, bandwidth: float) -> dict:
+    """(c) full training-step time as slots grow 16x at fixed width: dense AdamW vs. row-sparse values."""
+    base = _memory_cfg(args)
+    n_keys = [16, 32, 64] if args.quick else [256, 512, 1024]  # 16x slots: 256 -> 4096 (quick), 65k -> 1M
+    batch, seq = args.scaling_batch, base.max_seq_len
+    rows = []
+    it = dict(warmup=args.warmup, iters=args.iters)
+    for n in n_keys:
+        cfg = _with_memory(base, n_keys=n)
+        for opt in ("adamw", "row_sparse_adam"):
+            step = _TrainStep(cfg, opt, device, batch, seq)
+            ms = time_ms(step, device, **it)
+            rows.append(dict(slots=n * n, value_optimizer=opt, step_ms=ms, unique_rows=step.unique_rows()))
+            step.close()
+    first = {r["value_optimizer"]: r["step_ms"] for r in rows if r["slots"] == n_keys[0] ** 2}
+    for r in rows:
+        r["vs_smallest"] = r["step_ms"] / first[r["value_optimizer"]]
+    _print_table(
+        f"(c) training-step time vs. slots, dim {base.dim}, {base.n_layers} layers, memory in {base.memory.layers}, "
+        f"{batch} x {seq} tokens ({batch * seq * len(base.memory.layers) * base.memory.heads * base.memory.knn} "
+        "value reads) per step",
+        ["slots", "value optimizer", "step ms", "x smallest", "rows read"],
+        [[str(r["slots"]), r["value_optimizer"], r["step_ms"], r["vs_smallest"], str(r["unique_rows"])] for r in rows],
+    )
+    print("row-sparse work scales with the distinct rows read per step (<= min(slots, reads)); dense AdamW with slots")
+    return dict(batch=batch, seq_len=seq, dim=base.dim, results=rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# (d) retrieval
+
+
+def section_retrieval(args: argparse.Namespace, device: torch.device, bandwidth: float) -> dict:
+    """(d) product-key top-k time vs. slot count (forward, and forward+backward into queries and keys)."""
+    heads, knn = args.heads, args.knn
+    k_dim = 32 if args.quick else 256
+    n_keys = [16, 32, 64] if args.quick else [256, 512, 1024]
+    knn = min(knn, n_keys[0])
+    t = args.tokens
+    rows = []
+    it = dict(warmup=args.warmup, iters=args.iters)
+    for n in n_keys:
+        torch.manual_seed(0)
+        keys = ProductKeys(heads, n, k_dim, qk_norm=True).to(device)
+        q = torch.randn(t, heads, k_dim, device=device, requires_grad=True)  # (T, heads, k_dim)
+
+        def fwd(keys=keys, q=q):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                keys.retrieve(q, knn)
+
+        def fwd_bwd(keys=keys, q=q):
+            keys.zero_grad(set_to_none=True)
+            q.grad = None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                scores, _ = keys.retrieve(q, knn)  # (T, heads, knn)
+            scores.float().sum().backward()
+
+        rows.append(dict(slots=n * n, n_keys=n, fwd_ms=time_ms(fwd, device, **it),
+                         fwd_bwd_ms=time_ms(fwd_bwd, device, **it)))  # fmt: skip
+    for r in rows:
+        r["fwd_vs_smallest"] = r["fwd_ms"] / rows[0]["fwd_ms"]
+        r["fwd_bwd_vs_smallest"] = r["fwd_bwd_ms"] / rows[0]["fwd_bwd_ms"]
+        r["sqrt_n_ratio"] = (r["slots"] / rows[0]["slots"]) ** 0.5
+    _print_table(
+        f"(d) product-key retrieval, {t} tokens x {heads} heads, top-{knn}, k_dim {k_dim}",
+        ["slots", "fwd ms", "x smallest", "fwd+bwd ms", "x smallest", "sqrt(N) ratio"],
+        [[str(r["slots"]), r["fwd_ms"], r["fwd_vs_smallest"], r["fwd_bwd_ms"], r["fwd_bwd_vs_smallest"],
+          r["sqrt_n_ratio"]] for r in rows],
+    )  # fmt: skip
+    return dict(tokens=t, heads=heads, knn=knn, k_dim=k_dim, results=rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# (e) one Memory+ layer vs. a dense FFN
+
+
+class _FFN(torch.nn.Module):
+    """The dense reference of PAPERS.md: Linear(d, 4d) -> GELU -> Linear(4d, d)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(dim, 4 * dim, bias=False), torch.nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+def _layer_case(layer: torch.nn.Module, x: torch.Tensor, device: torch.device, it: dict) -> tuple[float, float | None]:
+    """(median fwd+bwd ms, peak memory in GiB over a step incl. the layer's parameters) under bf16 autocast."""
+
+    def run() -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            y = layer(x)
+        y.float().square().mean().backward()
+
+    ms = time_ms(run, device, **it)
+    peak = None
+    if device.type == "cuda":
+        layer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) - sum(p.numel() * p.element_size() for p in layer.parameters())
+        run()
+        torch.cuda.synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return ms, peak
+
+
+def section_layer(args: argparse.Namespace, device: torch.device, bandwidth: float) -> dict:
+    """(e) a whole Memory+ layer (query net, retrieval, lookup, swilu gate, output) vs. a dense 4x FFN."""
+    dim, t = (64, 256) if args.quick else (1024, 16384)
+    n_keys = 32 if args.quick else 1024
+    it = dict(warmup=args.warmup, iters=args.iters)
+    torch.manual_seed(0)
+    x = torch.randn(t, dim, device=device, requires_grad=True)  # (T, dim): one flat batch of tokens
+    ffn = _FFN(dim).to(device)
+    rows = [dict(layer="dense FFN 4x", table="-")]
+    rows[0]["ms"], rows[0]["peak_gib"] = _layer_case(ffn, x, device, it)
+    del ffn
+    for table_dtype in (torch.float32, torch.bfloat16):
+        for sparse in (False, True):
+            mem = MemoryConfig(kind="memory_plus", n_keys=n_keys, heads=args.heads, knn=min(args.knn, n_keys),
+                               k_dim=min(256, dim), sparse_grad=sparse)  # fmt: skip
+            with torch.device(device):
+                layer = ProductKeyMemory(dim, mem)
+            layer.value_table.to(table_dtype)
+            layer.record = False
+            r = dict(layer=f"Memory+ {n_keys**2} slots", table=str(table_dtype).split(".")[-1],
+                     grad="sparse" if sparse else "dense")  # fmt: skip
+            r["ms"], r["peak_gib"] = _maybe_oom(lambda layer=layer: _layer_case(layer, x, device, it)) or (None, None)
+            rows.append(r)
+            del layer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for r in rows:
+        r["x_ffn_time"] = None if r["ms"] is None else r["ms"] / rows[0]["ms"]
+        r["x_ffn_mem"] = (
+            None if r["peak_gib"] is None or rows[0]["peak_gib"] is None else r["peak_gib"] / rows[0]["peak_gib"]
+        )
+    _print_table(
+        f"(e) one layer forward+backward, d={dim}, {t} tokens, {args.heads} heads x {args.knn} slots, bf16 autocast "
+        "(PAPERS.md target for 1M slots: <= 8 ms, <= 8 GiB, <= 4x the FFN)",
+        ["layer", "table", "table grad", "ms", "x FFN", "peak GiB", "x FFN mem"],
+        [[r["layer"], r["table"], r.get("grad", "-"), r["ms"], r["x_ffn_time"], r["peak_gib"], r["x_ffn_mem"]]
+         for r in rows],
+    )  # fmt: skip
+    print("peak: max allocated during one step minus what was allocated before it, plus the layer's own parameters")
+    return dict(dim=dim, tokens=t, slots=n_keys**2, results=rows)
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace, torch.device, float], dict]] = {
     "a": section_lookup,
-    "b": _not_implemented("b"),
-    "c": _not_implemented("c"),
-    "d": _not_implemented("d"),
+    "b": section_tokens_per_s,
+    "c": section_slot_scaling,
+    "d": section_retrieval,
+    "e": section_layer,
 }
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sections", default="a", help="comma-separated subset of " + ",".join(SECTIONS))
+    p.add_argument("--sections", default="a,b,c,d,e", help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
@@ -244,8 +509,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--knn", type=int, default=32)
+    p.add_argument("--batch", type=int, default=None, help="(b) sequences per step (default 32 x 512 tokens)")
+    p.add_argument("--scaling_batch", type=int, default=None, help="(c) sequences per step (default 4 x 512 tokens)")
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=None)
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -261,6 +528,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.dim = args.dim or (64 if quick else 1024)
     args.tokens = args.tokens or (256 if quick else 16384)
     args.iters = args.iters or (3 if quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
+    args.batch = args.batch or (4 if quick else 32)
+    args.scaling_batch = args.scaling_batch or (4 if quick else 4)
 
     bandwidth = copy_bandwidth(device, (64 if quick else 1024) * 2**20)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

@@ -9,6 +9,7 @@ in exactly one place, and cross-field checks run in ``__post_init__`` so a bad c
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ class ConfigError(ValueError):
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -78,6 +82,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 / 3e30 (no dot) as strings; they are meant as numbers
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -527,6 +533,9 @@ class OptimConfig(_YamlMixin):
     value_lr_mult: float = 1.0
     value_lr_decay_to: float | None = None  # UltraMem: value lr multiplier decays linearly value_lr_mult -> this
     value_schedule: Literal["follow", "constant"] = "follow"  # follow the base warmup+cosine, or constant after warmup
+    # "row_sparse_adam": the value tables get sparse gradients and a lazy Adam step that touches only the rows read in
+    # the step (no weight decay), so step time does not grow with the table; "adamw": one dense AdamW for everything
+    value_optimizer: Literal["adamw", "row_sparse_adam"] = "adamw"
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
@@ -553,6 +562,8 @@ class TrainConfig(_YamlMixin):
     checkpoint_every: int = 200  # Lightning checkpoint (last.ckpt) every N steps
     export: bool = True  # write an export dir (safetensors + config + tokenizer) at the end
     probe_facts: int = 200  # pretraining facts probed for recall at the end (0 = skip)
+    # a NaN/inf loss or gradient: stop the run naming the step (exit code 2), or skip that optimizer step
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")

@@ -13,6 +13,7 @@ a half-written export behind the final name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -82,10 +83,24 @@ def save_pretrained(
         else:
             os.replace(tmp, out_dir)
         _fsync_dir(out_dir.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise CheckpointError(
+                f"disk full while writing the export {out_dir} (nothing was replaced; free space and retry)"
+            ) from None
         raise
     return out_dir
+
+
+def check_tokenizer(model: MemLM, tokenizer: Any, where: str | Path) -> None:
+    """Refuse a tokenizer whose vocabulary is not the model's (its ids would index past the embedding, or mean other
+    tokens): one clear error instead of an index error deep inside torch."""
+    if tokenizer is not None and tokenizer.vocab_size != model.cfg.vocab_size:
+        raise CheckpointError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model.cfg.vocab_size}: use the tokenizer the model was trained with"
+        )
 
 
 def read_export_config(path: str | Path) -> dict[str, Any]:
@@ -138,6 +153,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", with_t
         from memlm.data.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(path / "tokenizer")
+        check_tokenizer(model, tokenizer, path)
     return model, tokenizer
 
 
@@ -164,4 +180,5 @@ def _load_lightning_ckpt(path: Path, device, with_tokenizer: bool):
         from memlm.data.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(tok_path)
+        check_tokenizer(model, tokenizer, path)
     return model, tokenizer

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memlm.data.errors import DataError, log
+from memlm.utils.atomic import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported: one implementation)
 
 CACHE_ENV = "MEMLM_CACHE"
 
@@ -50,25 +51,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def sha256_json(obj: object) -> str:
     """Stable hash of a JSON-able object (sorted keys)."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode())
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temp file + rename so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: object) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, ensure_ascii=False).encode())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

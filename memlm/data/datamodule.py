@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from memlm.config import DataConfig
@@ -118,6 +118,80 @@ def prepare_tokens(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Path:
     return out
 
 
+class EpochSampler(Sampler[int]):
+    """A deterministic, resumable sample order, the same with or without DDP.
+
+    Epoch ``e`` visits ``randperm(n, seed + e)`` (or ``0..n-1`` without shuffling), cut to a multiple of
+    ``world_size``; rank ``r`` takes every ``world_size``-th index from ``r`` (as ``DistributedSampler`` does, so a
+    global batch under DDP holds the same samples as one process with the whole batch). ``set_epoch`` picks the epoch
+    (Lightning calls it at every epoch start); ``start`` skips that many of this rank's samples at the next iteration,
+    which is how a resumed run continues mid-epoch exactly where its checkpoint was taken.
+    """
+
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
+        self.total = n - n % world_size  # drop the tail so every rank gets the same number of samples
+        self.epoch, self.start = 0, 0
+        self.iter_epoch, self.iter_start = 0, 0  # epoch / start of the iteration in progress
+
+    def order(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))  # (n,)
+        else:
+            idx = torch.arange(self.n)
+        return idx[: self.total][self.rank :: self.world_size].tolist()  # (total / world_size,)
+
+    def __iter__(self):
+        self.iter_epoch, self.iter_start = self.epoch, self.start
+        self.start = 0  # skip only once
+        return iter(self.order(self.epoch)[self.iter_start :])
+
+    def __len__(self) -> int:
+        return self.total // self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+
+    def identity(self) -> dict:
+        return {"n": self.n, "shuffle": self.shuffle, "seed": self.seed, "world_size": self.world_size}
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an :class:`EpochSampler` that reports its position (``state_dict``) and restores it
+    (``load_state_dict``). Lightning 2.x saves the state of such "stateful" train loaders in every checkpoint and
+    restores it before iterating, so a run resumed mid-epoch sees exactly the batches the uninterrupted run would.
+    The position counts batches handed to the training loop (not batches prefetched by workers)."""
+
+    _consumed = 0
+
+    def __iter__(self):
+        return self._counting(super().__iter__())
+
+    def _counting(self, it):
+        self._consumed = 0
+        for batch in it:
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        s: EpochSampler = self.sampler
+        done = min(s.iter_start + self._consumed * (self.batch_size or 1), len(s))
+        return {"epoch": s.iter_epoch, "start": done, **s.identity()}
+
+    def load_state_dict(self, state: dict) -> None:
+        s: EpochSampler = self.sampler
+        if {k: state.get(k) for k in s.identity()} != s.identity():
+            log.warning(
+                "the training data changed since the checkpoint (%s -> %s): the epoch restarts from its beginning",
+                {k: state.get(k) for k in s.identity()}, s.identity(),
+            )  # fmt: skip
+            s.epoch, s.start = int(state.get("epoch", 0)), 0
+        else:
+            s.epoch, s.start = int(state["epoch"]), int(state["start"])
+        s.iter_epoch, s.iter_start, self._consumed = s.epoch, s.start, 0
+
+
 class LMDataModule(L.LightningDataModule):
     """Packed next-token batches ``(x, y)``, both int64 ``(B, T)``, from a :class:`DataConfig`."""
 
@@ -177,23 +251,22 @@ class LMDataModule(L.LightningDataModule):
             raise DataError("the tokenizer is known after prepare_data()/setup()")
         return self._tokenizer
 
-    def _loader(self, ds: PackedTokens | None, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: PackedTokens | None, shuffle: bool, resumable: bool = False) -> DataLoader:
         if ds is None:
             raise DataError("call setup() before asking for a dataloader")
-        # Under DDP we shard with our own DistributedSampler (the launcher sets use_distributed_sampler=False), so
-        # data.shuffle is honoured: Lightning's automatic sampler would always shuffle the training set.
+        # We shard ourselves under DDP (the launcher sets use_distributed_sampler=False), so data.shuffle is honoured
+        # (Lightning's automatic sampler would always shuffle) and the order can be restored mid-epoch on resume.
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if dist and torch.distributed.get_world_size() > 1:
-            sampler = DistributedSampler(ds, shuffle=shuffle, seed=self.cfg.seed, drop_last=True)
-            return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)  # fmt: skip
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=g if shuffle else None,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)  # fmt: skip
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+        sampler = EpochSampler(len(ds), shuffle=shuffle, seed=self.cfg.seed, rank=rank, world_size=world)
+        cls = ResumableDataLoader if resumable else DataLoader
+        # its own generator: creating an iterator draws a worker base seed, which must not consume the global RNG
+        return cls(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                   pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                   generator=torch.Generator().manual_seed(self.cfg.seed))  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=self.cfg.shuffle)
+        return self._loader(self.train_set, shuffle=self.cfg.shuffle, resumable=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -39,7 +39,7 @@ def checkpoint_hash(path: str | Path) -> str | None:
 
 def load_checkpoint(path: str | Path, tokenizer: str | None = None, device: str = "cpu"):
     """(model, tokenizer, run_config, meta) of an export dir or a Lightning .ckpt."""
-    from memlm.export import MARKER, load_pretrained, read_export_config
+    from memlm.export import MARKER, check_tokenizer, load_pretrained, read_export_config
 
     model, tok = load_pretrained(path, device=device)
     p = Path(path)
@@ -54,6 +54,7 @@ def load_checkpoint(path: str | Path, tokenizer: str | None = None, device: str 
         from memlm.data.tokenizer import Tokenizer
 
         tok = Tokenizer.load(tokenizer)
+        check_tokenizer(model, tok, tokenizer)
     if tok is None:
         raise CheckpointError(f"{path} has no tokenizer; pass --tokenizer DIR")
     return model, tok, run_config, meta

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 from memlm.model.memory.stats import counts_stats
+from memlm.utils.atomic import atomic_write_json
 
 
 class Throughput(L.Callback):
@@ -99,8 +100,9 @@ class SaveOnInterrupt(L.Callback):
 
 
 class LossRecorder(L.Callback):
-    """Keeps the global (all-rank mean) training loss of every step and writes them to ``path`` as JSON at the end —
-    for determinism / resume checks and DDP-vs-single-process comparisons."""
+    """Keeps the global (all-rank mean) training loss of every step and writes them to ``path`` as JSON (atomically)
+    with every checkpoint and at the end — for determinism / resume checks and DDP-vs-single-process comparisons.
+    The curve is part of the checkpoint, so a resumed run's file holds the whole curve, each step once."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -111,10 +113,19 @@ class LossRecorder(L.Callback):
         loss = trainer.strategy.reduce(loss.detach(), reduce_op="mean")
         self.losses[trainer.global_step] = float(loss)
 
+    def write(self) -> None:
+        atomic_write_json(self.path, {str(k): self.losses[k] for k in sorted(self.losses)})
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.is_global_zero:
+            self.write()
+
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            import json
+            self.write()
 
-            old = json.loads(self.path.read_text()) if self.path.is_file() else {}
-            old.update({str(k): v for k, v in self.losses.items()})  # a resumed run extends the curve
-            self.path.write_text(json.dumps(dict(sorted(old.items(), key=lambda kv: int(kv[0]))), indent=1))
+    def state_dict(self) -> dict:
+        return {"losses": dict(self.losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = {int(k): float(v) for k, v in (state.get("losses") or {}).items()}

@@ -47,6 +47,15 @@ def _trainer_kwargs(cfg: RunConfig, run_dir: Path) -> dict:
     kw.setdefault("default_root_dir", str(run_dir))
     kw.setdefault("num_sanity_val_steps", 0)
     kw.setdefault("use_distributed_sampler", False)  # LMDataModule shards itself (and honours data.shuffle)
+    from lightning.fabric.plugins import CheckpointIO
+
+    from memlm.training.reliability import AtomicCheckpointIO
+
+    plugins = kw.get("plugins") or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())  # temp file + fsync + rename: a crash never corrupts a checkpoint
+    kw["plugins"] = plugins
     if kw.get("strategy") == "fsdp":
         kw["strategy"] = fsdp_strategy()
     return kw
@@ -76,15 +85,34 @@ def _resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
     return ckpt_path
 
 
-def _check_ckpt_matches(ckpt_path: str, cfg: RunConfig) -> None:
-    """Refuse to resume from a checkpoint of another architecture (with one clear line, not a shape traceback)."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+def _check_ckpt_matches(ckpt_path: str, cfg: RunConfig, tokenizer_sha256: str | None = None) -> None:
+    """Refuse to resume from an unreadable checkpoint, one trained with another tokenizer, or one of another
+    architecture (with one clear line, not a shape traceback)."""
+    try:  # mmap: the check reads only the metadata, not all the tensors, of a large checkpoint
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
-        raise CheckpointError(f"{ckpt_path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    saved = (ckpt.get("hyper_parameters") or {}).get("config", {}) if isinstance(ckpt, dict) else {}
+        raise CheckpointError(
+            f"{ckpt_path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            "; resume from another one (e.g. checkpoints/epoch=*-step=*.ckpt)"
+        ) from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    saved = (hp or {}).get("config", {}) if isinstance(hp, dict) else {}
     if not saved or "model" not in saved:
         raise CheckpointError(f"{ckpt_path} is not a memlm training checkpoint")
+    saved_tok = (ckpt.get("memlm") or {}).get("tokenizer_sha256")
+    if saved_tok is None and hp.get("tokenizer_path"):  # checkpoints written before the stamp: the run's tokenizer dir
+        from memlm.data.tokenizer import META_FILE
+
+        meta = Path(hp["tokenizer_path"]) / META_FILE
+        try:
+            saved_tok = yaml.safe_load(meta.read_text(encoding="utf-8")).get("sha256") if meta.is_file() else None
+        except (OSError, yaml.YAMLError, AttributeError):
+            saved_tok = None
+    if tokenizer_sha256 and saved_tok and saved_tok != tokenizer_sha256:
+        raise CheckpointError(
+            f"{ckpt_path} was trained with another tokenizer (sha256 {saved_tok[:12]}; this run's data.tokenizer gives "
+            f"{tokenizer_sha256[:12]}): resume with the data and tokenizer settings of the run that wrote it"
+        )
     if saved["model"] != to_dict(cfg.model):
         diff = sorted(
             k
@@ -109,7 +137,11 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
     from memlm.training.probes import fact_recall
 
     t_start = time.perf_counter()
+    from memlm.training.reliability import NonFiniteGuard, RNGState, RunStamp, clean_checkpoint_dir
+    from memlm.utils.atomic import atomic_write_text
+
     run_dir = Path(cfg.train.run_dir) / cfg.train.name
+    clean_checkpoint_dir(run_dir / "checkpoints")  # temp files of a run killed while saving
     ckpt_path = _resolve_ckpt(ckpt_path, run_dir)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
@@ -120,10 +152,10 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
     if cfg.model.vocab_size != tokenizer.vocab_size:  # the tokenizer is the source of truth for the vocabulary
         cfg.model.vocab_size = tokenizer.vocab_size
     if ckpt_path:
-        _check_ckpt_matches(ckpt_path, cfg)
+        _check_ckpt_matches(ckpt_path, cfg, tokenizer.hash)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = tokenizer.save(run_dir / "tokenizer")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     module = LMModule(to_dict(cfg), tokenizer_path=str(tok_dir))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")
@@ -137,6 +169,9 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
         stats,
         SaveOnInterrupt(run_dir / "checkpoints" / "interrupted.ckpt"),
         LossRecorder(run_dir / "train_losses.json"),
+        NonFiniteGuard(cfg.train.on_nonfinite),
+        RNGState(),
+        RunStamp(tokenizer.hash),
     ]
     trainer = L.Trainer(logger=logger, callbacks=callbacks, **_trainer_kwargs(cfg, run_dir))
     first_loss = _initial_val_loss(module, dm)
@@ -162,7 +197,7 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
         if cfg.train.export:
             summary["export"] = str(save_pretrained(model, run_dir / "export", tokenizer, to_dict(cfg)))
         summary["wall_s"] = time.perf_counter() - t_start
-        (run_dir / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False), encoding="utf-8")
+        atomic_write_text(run_dir / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
         print_summary(summary)
     return summary
 
@@ -197,6 +232,9 @@ def print_summary(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from memlm.training.reliability import NonFiniteError
+    from memlm.utils.atomic import DiskFullError, is_disk_full
+
     try:
         args, overrides = parse_args(argv)
         cfg = resolve_config(args, overrides)
@@ -205,9 +243,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         train(cfg, args.ckpt_path)
         return 0
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk while writing a checkpoint, export or log: nothing half-written was kept
+        if is_disk_full(e):
+            print(f"error: {e.strerror if isinstance(e, DiskFullError) else f'disk full writing {e.filename}: {e}'}"
+                  "; free space and resume with --ckpt_path last", file=sys.stderr)  # fmt: skip
+            return 2
+        raise
     except ValueError as e:  # DataError and other user-input errors raised as ValueError subclasses
         from memlm.data.errors import DataError
 

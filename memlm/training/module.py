@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
-from memlm.config import OptimConfig, RunConfig, from_dict
+from memlm.config import ConfigError, OptimConfig, RunConfig, from_dict
 from memlm.model import MemLM
+from memlm.model.memory.sparse_update import RowSparseAdam
 from memlm.training.schedule import group_lambdas
 
 
@@ -59,24 +62,79 @@ class LMModule(L.LightningModule):
                 refresh()
 
     def configure_optimizers(self):
+        """AdamW over the model's groups; with ``optim.value_optimizer: row_sparse_adam`` the value group instead gets
+        sparse gradients and a lazy Adam step on the rows read in the step (one :class:`RowSparseAdam`)."""
         o = self.optim_cfg
-        groups = self.model.param_groups(
-            weight_decay=o.weight_decay, lr=o.lr, value_lr=o.value_lr, value_lr_mult=o.value_lr_mult
-        )
-        fused = {"fused": True} if torch.cuda.is_available() and self.device.type == "cuda" else {}
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **fused)
+        if o.value_optimizer == "row_sparse_adam":
+            self._sparse_value_grads()
+        opt = build_optimizer(self.model, o, fused=torch.cuda.is_available() and self.device.type == "cuda")
+        groups = opt.param_groups
         total = int(self.trainer.max_steps) if self.trainer and self.trainer.max_steps > 0 else 10_000
         sched = torch.optim.lr_scheduler.LambdaLR(opt, group_lambdas(groups, o, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _sparse_value_grads(self) -> None:
+        """Switch the memory layers to sparse value-table gradients (a training-time setting: the saved model config
+        is unchanged). Kept dense, with the same lazy semantics (rows with a non-zero gradient), where a sparse
+        gradient cannot flow: multi-process DDP (its reducer all-reduces dense buckets) and UltraMem with cores > 1."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ConfigError(
+                "optim.value_optimizer=row_sparse_adam does not work with FSDP (it flattens the value table's rows); "
+                "use optim.value_optimizer=adamw or another strategy"
+            )
+        if self.trainer.world_size > 1:
+            rank_zero_warn("row_sparse_adam under multi-process training: value gradients stay dense (all-reduced)")
+            return
+        for layer in self.model.memory_layers:
+            try:
+                layer.cfg = dataclasses.replace(layer.cfg, sparse_grad=True)  # a copy: shared configs stay untouched
+            except ConfigError as e:
+                rank_zero_warn(f"row_sparse_adam: dense value gradients for {type(layer).__name__} ({e})")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip the dense network and the memory values separately (Memory+); log both pre-clip norms."""
         o = self.optim_cfg
         dense, values = [], []
         for g in optimizer.param_groups:
-            params = [p for p in g["params"] if p.grad is not None and not p.grad.is_sparse]
+            params = [p for p in g["params"] if p.grad is not None]
             (values if g.get("name") == "memory_values" else dense).extend(params)
         for name, params, clip in (("dense", dense, o.grad_clip), ("memory_values", values, o.value_grad_clip)):
             if params:
-                norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+                norm = clip_grad_norm_sparse_(params, clip)
                 self.log(f"grad_norm/{name}", norm, on_step=True, on_epoch=False)
+
+
+def build_optimizer(model: MemLM, o: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """The training optimizer over ``model.param_groups``: AdamW (``fused`` on CUDA), or with
+    ``o.value_optimizer == "row_sparse_adam"`` one :class:`RowSparseAdam` (AdamW on the dense groups, lazy Adam on the
+    memory_values group). Sparse value gradients are switched on separately (the memory layers' ``sparse_grad``)."""
+    groups = model.param_groups(
+        weight_decay=o.weight_decay, lr=o.lr, value_lr=o.value_lr, value_lr_mult=o.value_lr_mult
+    )
+    if o.value_optimizer == "row_sparse_adam":
+        for g in groups:
+            g["row_sparse"] = g["name"] == "memory_values"
+        return RowSparseAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **({"fused": True} if fused else {}))
+
+
+def clip_grad_norm_sparse_(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """``clip_grad_norm_`` that also takes sparse COO gradients: they are coalesced in place (duplicate rows summed,
+    so the norm is that of the dense gradient) and their values scaled. Returns the total pre-clip norm."""
+    if not any(p.grad.is_sparse for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    norms = []
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            norms.append(torch.linalg.vector_norm(p.grad.values(), dtype=torch.float32))  # (U, D) rows only
+        else:
+            norms.append(torch.linalg.vector_norm(p.grad, dtype=torch.float32))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm is not None:
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            (p.grad.values() if p.grad.is_sparse else p.grad).mul_(coef.to(p.grad.dtype))
+    return total

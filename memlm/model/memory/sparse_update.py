@@ -8,7 +8,9 @@ with the table. Pure torch (index_select / index_copy_), any device.
 - :func:`adam_rows_` / :func:`sgd_rows_`: functional steps on explicit ``(rows, grad_rows)``.
 - :class:`RowSparseAdam`: a ``torch.optim.Optimizer`` (param groups, lr schedulers, state_dict) that reads sparse COO
   gradients (``value_lookup(..., sparse=True)``) or dense ones (rows with a non-zero gradient count as touched).
-  No weight decay (it would move untouched rows).
+  No weight decay on row-sparse groups (it would move untouched rows). Groups with ``row_sparse=False`` take a plain
+  AdamW step (torch's functional AdamW, foreach / fused), so ONE optimizer serves a whole model (pretraining with
+  Lightning: dense network + lazily updated value tables).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim.adamw import adamw as adamw_functional
 
 
 def _check_rows(param: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
@@ -100,11 +103,18 @@ def grad_to_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class RowSparseAdam(torch.optim.Optimizer):
     """Lazy Adam: each step updates only the rows present in the gradient; all other rows and state stay bitwise.
 
+    Groups with ``row_sparse=False`` (e.g. the dense network of an LM) instead take a standard AdamW step with their
+    ``weight_decay`` (exactly ``torch.optim.AdamW``: same functional update, same state), so one optimizer can hold a
+    whole model: dense AdamW + lazy row-sparse Adam for the memory values.
+
     Args:
-        params: parameters (or param groups) with a leading row dimension (value tables).
-        lr, betas, eps: as in Adam. No weight decay.
+        params: parameters or param groups. Row-sparse groups need a leading row dimension (value tables).
+        lr, betas, eps: as in Adam.
+        weight_decay: decoupled (AdamW) weight decay; allowed only on ``row_sparse=False`` groups.
         per_row_step: bias-correct each row with its own update count (a row first touched late gets the same
             first step as at step 1); False (default) uses the global step count like ``torch.optim.SparseAdam``.
+        row_sparse: the default for groups that do not set it (True: every group is lazy, the SMF use).
+        fused: dense groups only: torch's fused AdamW kernel; None -> when all of a group's params are on CUDA.
     """
 
     def __init__(
@@ -114,10 +124,35 @@ class RowSparseAdam(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         per_row_step: bool = False,
+        weight_decay: float = 0.0,
+        row_sparse: bool = True,
+        fused: bool | None = None,
     ) -> None:
-        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"invalid RowSparseAdam hyper-parameters: lr={lr}, betas={betas}, eps={eps}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, per_row_step=per_row_step))
+        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(
+                f"invalid RowSparseAdam hyper-parameters: lr={lr}, betas={betas}, eps={eps}, "
+                f"weight_decay={weight_decay}"
+            )
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, per_row_step=per_row_step, weight_decay=weight_decay, row_sparse=row_sparse,
+            fused=fused,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            if group["row_sparse"] and group["weight_decay"] != 0:
+                name = group.get("name", i)
+                raise ValueError(f"RowSparseAdam: group {name!r} is row-sparse; weight decay would move untouched rows")
+            if group["row_sparse"]:
+                group["fused"] = False  # load_state_dict places "step" by this flag (an int or per-row counts here)
+            elif group["fused"] is None:
+                group["fused"] = all(p.is_cuda and p.is_floating_point() for p in group["params"])
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # state dicts saved before dense groups existed
+            group.setdefault("weight_decay", 0.0)
+            group.setdefault("row_sparse", True)
+            group.setdefault("fused", False)
 
     def _state(self, param: torch.Tensor, per_row_step: bool) -> dict:
         st = self.state[param]
@@ -125,6 +160,8 @@ class RowSparseAdam(torch.optim.Optimizer):
             st["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
             st["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
             st["step"] = torch.zeros(param.shape[0], dtype=torch.int64, device=param.device) if per_row_step else 0
+        elif per_row_step and st["step"].device != param.device:  # e.g. loaded from a checkpoint on another device
+            st["step"] = st["step"].to(param.device)
         return st
 
     def _find_group(self, param: torch.Tensor) -> dict:
@@ -137,6 +174,11 @@ class RowSparseAdam(torch.optim.Optimizer):
     def step_rows(self, param: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
         """Update ``param[rows]`` (rows unique) with ``grad_rows`` using its group's lr/betas/eps."""
         group = self._find_group(param)
+        self._step_rows(param, group, rows, grad_rows)
+
+    def _step_rows(self, param: torch.Tensor, group: dict, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+        if not group["row_sparse"]:
+            raise ValueError("step_rows: the parameter is in a dense (row_sparse=False) group")
         st = self._state(param, group["per_row_step"])
         if group["per_row_step"]:
             t = st["step"].index_select(0, rows) + 1  # (U,)
@@ -148,17 +190,51 @@ class RowSparseAdam(torch.optim.Optimizer):
             param, rows, grad_rows, st["exp_avg"], st["exp_avg_sq"], t, group["lr"], group["betas"], group["eps"]
         )
 
+    def _dense_step(self, group: dict) -> None:
+        """torch.optim.AdamW's update (functional, foreach or fused) on the group's params that have a gradient."""
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"RowSparseAdam: a parameter of shape {tuple(p.shape)} in dense group {group.get('name')!r} got "
+                    "a sparse gradient; put it in a row_sparse group"
+                )
+            st = self.state[p]
+            if not st:  # the same state layout as torch.optim.AdamW
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if group["fused"] else "cpu")
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(st["exp_avg"])
+            exp_avg_sqs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        adamw_functional(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            fused=True if group["fused"] else None,  # None: torch picks foreach / single-tensor
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=False,
+        )  # fmt: skip
+
     @torch.no_grad()
     def step(self, closure=None):
-        """Step every parameter that has a gradient, touching only its gradient's rows."""
+        """Step every parameter that has a gradient: row-sparse groups touch only their gradient's rows."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if not group["row_sparse"]:
+                self._dense_step(group)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                rows, grad_rows = grad_to_rows(p.grad)
-                self.step_rows(p, rows, grad_rows)
+                rows, grad_rows = grad_to_rows(p.grad)  # (U,), (U, ...)
+                self._step_rows(p, group, rows, grad_rows)
         return loss

@@ -1,0 +1,369 @@
+"""Fair comparison of the memory-layer variants (issue 5): train each one with the same data, token budget and seed
+through the real launcher, then write one table (markdown + JSON).
+
+Every variant is ``configs/model/{scale}_{variant}.yaml`` (an equal-forward-FLOP ladder) dropped into the same
+pretraining recipe (``configs/pretrain/tiny.yaml`` by default): same data, tokenizer, optimizer, batch size, sequence
+length, step count and seed. Per variant the table has:
+
+- val loss at the end (and at step 0), fact recall (exact match / F1) on a seeded sample of pretraining facts,
+- training tokens/s (the launcher's own meter: wall time of the training steps; noisy on a shared machine),
+- total / active parameters and forward FLOPs per token (``memlm.model.param_counts`` / ``flops_per_token``),
+- memory usage of the exported model over ``--usage_batches`` validation batches: coverage (fraction of slots read
+  at least once) and KL(usage || uniform), per memory layer over the rows it can address, averaged over layers.
+
+Usage:
+    python eval/compare.py                                    # all six tiny variants, the recipe's step count, CPU
+    python eval/compare.py --steps 400 --variants dense,pkm   # a subset at a smaller budget
+    python eval/compare.py --scale small --out runs/compare/small   # the small ladder (GPU)
+    python eval/compare.py --skip_existing                    # resume: reuse finished runs, resume interrupted ones
+
+Any other ``--section.key=value`` is a config override applied to every variant (e.g. ``--train.batch_size=8``,
+``--trainer.enable_progress_bar=false``). Outputs under ``--out`` (default ``runs/compare/{scale}``):
+``compare.md``, ``compare.json``, ``rows/{variant}.json`` and one launcher run directory per variant in ``runs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("dense", "pkm", "memory_plus", "ultramem", "ultramem_v2", "peer")
+DEFAULT_PRETRAIN = "configs/pretrain/tiny.yaml"
+
+# (json key, markdown header, format) of the table's columns, in order
+COLUMNS = [
+    ("variant", "variant", "{}"),
+    ("val_loss", "val loss", "{:.3f}"),
+    ("initial_val_loss", "val loss @0", "{:.3f}"),
+    ("fact_em", "fact EM", "{:.1%}"),
+    ("fact_f1", "fact F1", "{:.1%}"),
+    ("tokens_per_s", "train tok/s", "{:,.0f}"),
+    ("total_params", "total params", "{:,}"),
+    ("active_params", "active params", "{:,}"),
+    ("flops_per_token", "fwd FLOPs/token", "{:,}"),
+    ("mem_coverage", "mem coverage", "{:.1%}"),
+    ("mem_kl", "mem KL (nats)", "{:.3f}"),
+    ("mem_kl_norm", "mem KL / log N", "{:.3f}"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        description="Train every memory variant with the same data, token budget and seed; write one table.",
+        epilog="Other --section.key=value arguments are config overrides applied to every variant.",
+    )
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: the recipe's)")
+    p.add_argument("--scale", choices=("tiny", "small"), default="tiny", help="model ladder: tiny (CPU) or small (GPU)")
+    p.add_argument("--out", default=None, help="output directory (default runs/compare/{scale})")
+    p.add_argument(
+        "--config", action="append", default=[], help=f"pretraining recipe YAML (default {DEFAULT_PRETRAIN})"
+    )
+    p.add_argument("--model_dir", default="configs/model", help="where {scale}_{variant}.yaml model configs live")
+    p.add_argument("--usage_batches", type=int, default=10, help="validation batches for the memory usage stats")
+    p.add_argument("--skip_existing", action="store_true", help="reuse finished runs, resume interrupted ones")
+    args, overrides = p.parse_known_args(argv)
+    bad = [a for a in overrides if not (a.startswith("--") and "=" in a)]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are --section.key=value)")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
+    if args.steps is not None and args.steps <= 0:
+        p.error("--steps must be > 0")
+    args.out = Path(args.out or f"runs/compare/{args.scale}")
+    args.config = args.config or [DEFAULT_PRETRAIN]
+    return args, overrides
+
+
+def model_file(args: argparse.Namespace, variant: str) -> Path:
+    path = Path(args.model_dir) / f"{args.scale}_{variant}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"model config for variant '{variant}' not found: {path}")
+    return path
+
+
+def variant_config(args: argparse.Namespace, variant: str, overrides: list[str]):
+    """The run config of one variant: the shared recipe, this variant's model file, the shared overrides."""
+    from memlm.config import load_run_config
+
+    own = [f"--model={model_file(args, variant)}", f"--train.name={variant}", f"--train.run_dir={args.out / 'runs'}"]
+    if args.steps is not None:
+        own.append(f"--trainer.max_steps={args.steps}")
+    # validate every val_check_interval global steps even when an epoch is shorter (small corpus, long sequences)
+    shared = ["--trainer.check_val_every_n_epoch=null", *overrides]
+    # the model file goes first; shared overrides (which may touch the model) and the per-variant ones on top
+    return load_run_config(args.config, [own[0], *shared, *own[1:]])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# memory usage of a trained model
+
+
+def _layer_rows(layer, indices):
+    """Indices of one layer -> (rows local to what the layer can address, number of such rows).
+
+    UltraMemV2 layers read a window of one global table (global row ids): count within the window.
+    """
+    offset, window = getattr(layer, "offset", None), getattr(layer, "window", None)
+    if offset is not None and window is not None:
+        return indices - offset, window
+    return indices, layer.n_slots
+
+
+def memory_usage(run_dir: Path, n_batches: int) -> dict | None:
+    """Coverage / KL of every memory layer of ``run_dir``'s export over ``n_batches`` validation batches.
+
+    Returns None for a model without memory layers.
+    """
+    import torch
+
+    import memlm
+    from memlm.config import load_run_config
+    from memlm.data.datamodule import LMDataModule
+    from memlm.model.memory.stats import counts_stats, slot_counts
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = memlm.load_pretrained(run_dir / "export", device=device)
+    layers = model.memory_layers
+    if not layers:
+        return None
+    cfg = load_run_config([run_dir / "config.yaml"])
+    dm = LMDataModule(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.train.batch_size, tokenizer=tokenizer)
+    dm.prepare_data()
+    dm.setup("fit")
+    counts: list[torch.Tensor | None] = [None] * len(layers)
+    weighted: list[torch.Tensor | None] = [None] * len(layers)
+    top1: list[list[float]] = [[] for _ in layers]
+    n_tokens = 0
+    with torch.no_grad():
+        for i, (x, _) in enumerate(dm.val_dataloader()):
+            if i >= n_batches:
+                break
+            model(x.to(device))
+            n_tokens += x.numel()
+            for j, layer in enumerate(layers):
+                rows, n_rows = _layer_rows(layer, layer.last_indices)  # (B, T, heads, knn)
+                w = layer.last_weights.abs()  # (B, T, heads, knn)
+                c, cw = slot_counts(rows, n_rows), slot_counts(rows, n_rows, w)
+                counts[j] = c if counts[j] is None else counts[j] + c
+                weighted[j] = cw if weighted[j] is None else weighted[j] + cw
+                top1[j].append(float(layer.last_weights.float().max(-1).values.mean()))
+    if counts[0] is None:
+        raise RuntimeError(f"{run_dir}: no validation batches to measure memory usage on")
+    per_layer = []
+    for j, layer in enumerate(layers):
+        s = counts_stats(counts[j].cpu(), weighted[j].cpu())
+        s["top1_weight"] = sum(top1[j]) / len(top1[j])
+        s["n_rows"] = counts[j].numel()
+        per_layer.append(s)
+    mean = {k: sum(s[k] for s in per_layer) / len(per_layer) for k in per_layer[0]}
+    return {"tokens": n_tokens, "mean": mean, "layers": per_layer}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one variant
+
+
+def _finished_summary(run_dir: Path, steps: int) -> dict | None:
+    import yaml
+
+    path = run_dir / "summary.yaml"
+    if not path.is_file():
+        return None
+    summary = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if summary.get("steps") != steps or not (run_dir / "export" / "model.safetensors").is_file():
+        return None
+    return summary
+
+
+def run_variant(args: argparse.Namespace, variant: str, overrides: list[str]) -> dict:
+    """Train (or reuse) one variant and return its table row."""
+    from memlm.config import load_run_config, to_dict
+    from memlm.model import flops_per_token, param_counts
+    from memlm.training.launcher import train
+
+    cfg = variant_config(args, variant, overrides)
+    steps = int(cfg.trainer["max_steps"])
+    run_dir = Path(cfg.train.run_dir) / cfg.train.name
+    row_path = args.out / "rows" / f"{variant}.json"
+    if args.skip_existing and row_path.is_file():
+        row = json.loads(row_path.read_text(encoding="utf-8"))
+        if row.get("steps") == steps and row.get("error") is None:
+            print(f"[compare] {variant}: reusing {row_path}", flush=True)
+            return row
+
+    summary = _finished_summary(run_dir, steps) if args.skip_existing else None
+    if summary is not None:
+        print(f"[compare] {variant}: reusing finished run {run_dir}", flush=True)
+    else:
+        ckpt = None
+        if args.skip_existing and (run_dir / "checkpoints" / "last.ckpt").is_file():
+            ckpt = "last"
+            print(f"[compare] {variant}: resuming {run_dir} from its last checkpoint", flush=True)
+        elif run_dir.exists():
+            shutil.rmtree(run_dir)  # a fresh run: no stale TensorBoard events or checkpoints
+        print(f"[compare] {variant}: training {steps} steps -> {run_dir}", flush=True)
+        t0 = time.perf_counter()
+        summary = train(cfg, ckpt_path=ckpt)
+        if summary.get("interrupted"):
+            raise KeyboardInterrupt
+        summary.setdefault("wall_s", time.perf_counter() - t0)
+
+    # the launcher takes the vocabulary from the tokenizer: count the model actually trained (its saved config)
+    model_cfg = load_run_config([run_dir / "config.yaml"]).model
+    counts = param_counts(model_cfg)
+    usage = memory_usage(run_dir, args.usage_batches)
+    fr = summary.get("fact_recall") or {}
+    mean = (usage or {}).get("mean", {})
+    row = {
+        "variant": variant,
+        "kind": model_cfg.memory.kind if model_cfg.memory is not None else "dense",
+        "val_loss": summary["val_loss"],
+        "initial_val_loss": summary["initial_val_loss"],
+        "train_loss": summary.get("train_loss"),
+        "fact_em": fr.get("exact_match"),
+        "fact_f1": fr.get("f1"),
+        "fact_n": fr.get("n"),
+        "tokens_per_s": summary["tokens_per_s"],
+        "total_params": counts["total"],
+        "active_params": counts["active"],
+        "non_embedding_params": counts["non_embedding"],
+        "memory_table_params": counts["memory_values"],
+        "flops_per_token": flops_per_token(model_cfg, cfg.seq_len),
+        "mem_coverage": mean.get("used_frac"),
+        "mem_kl": mean.get("kl_uniform"),
+        "mem_kl_norm": mean.get("kl_uniform_norm"),
+        "mem_gini": mean.get("gini"),
+        "mem_top1_weight": mean.get("top1_weight"),
+        "memory_usage": usage,
+        "steps": summary["steps"],
+        "tokens": summary["steps"] * cfg.train.batch_size * cfg.seq_len,
+        "seed": cfg.train.seed,
+        "wall_s": summary.get("wall_s"),
+        "run_dir": str(run_dir),
+        "model_config": str(model_file(args, variant)),
+        "model": to_dict(model_cfg),
+        "error": None,
+    }
+    row_path.parent.mkdir(parents=True, exist_ok=True)
+    row_path.write_text(json.dumps(row, indent=2), encoding="utf-8")
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the table
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for r in rows:
+        if r.get("error"):
+            msg = r["error"].strip().splitlines()[-1][:120].replace("|", "/")
+            lines.append(f"| {r['variant']} | failed: {msg} |" + " |" * (len(COLUMNS) - 2))
+            continue
+        lines.append("| " + " | ".join(_cell(r.get(k), f) for k, _, f in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(args: argparse.Namespace, overrides: list[str], rows: list[dict], meta: dict) -> tuple[Path, Path]:
+    ok = [r for r in rows if not r.get("error")]
+    ranking = sorted(ok, key=lambda r: r["val_loss"])
+    dense = next((r for r in ok if r["variant"] == "dense"), None)
+    budgets = sorted({r["tokens"] for r in ok})
+    md = [f"# memlm variant comparison ({args.scale})", ""]
+    md.append(
+        f"Recipe {', '.join(args.config)}; {meta['steps']} steps x {meta['batch_size']} x {meta['seq_len']} tokens "
+        f"= {budgets[0] if len(budgets) == 1 else budgets} training tokens per variant; seed {meta['seed']}; "
+        f"device {meta['device']}."
+    )
+    if overrides:
+        md.append(f"Overrides: `{' '.join(overrides)}`.")
+    md += ["", markdown_table(rows), ""]
+    if ranking:
+        order = " < ".join(f"{r['variant']} ({r['val_loss']:.3f})" for r in ranking)
+        md.append(f"Val loss, best first: {order}.")
+    if dense is not None:
+        deltas = ", ".join(f"{r['variant']} {r['val_loss'] - dense['val_loss']:+.3f}" for r in ok if r is not dense)
+        if deltas:
+            md.append(f"Val loss vs dense: {deltas}.")
+    if len(budgets) > 1:
+        md.append(f"WARNING: the variants did not see the same number of tokens: {budgets}.")
+    md += [
+        "",
+        "fact EM/F1: greedy answers to a seeded sample of pretraining facts. train tok/s: training-step wall time "
+        "(noisy on a shared machine). Params and FLOPs from memlm.model.accounting (active = params read per token). "
+        f"Memory coverage / KL(usage || uniform): exported model over {args.usage_batches} validation batches, "
+        "per memory layer over the rows it addresses, averaged over layers (N = rows per layer).",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = args.out / "compare.md", args.out / "compare.json"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2), encoding="utf-8")
+    return md_path, json_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    import torch
+
+    from memlm.config import ConfigError
+
+    try:
+        configs = {v: variant_config(args, v, overrides) for v in args.variants}  # fail fast on a bad config
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    first = next(iter(configs.values()))
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    meta = {
+        "scale": args.scale,
+        "variants": args.variants,
+        "steps": int(first.trainer["max_steps"]),
+        "batch_size": first.train.batch_size,
+        "seq_len": first.seq_len,
+        "seed": first.train.seed,
+        "recipe": args.config,
+        "overrides": overrides,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    rows = []
+    for variant in args.variants:
+        try:
+            rows.append(run_variant(args, variant, overrides))
+        except KeyboardInterrupt:
+            print(f"[compare] interrupted during {variant}; rerun with --skip_existing to resume", file=sys.stderr)
+            write_outputs(args, overrides, rows, meta)
+            return 130
+        except Exception:
+            err = traceback.format_exc()
+            print(f"[compare] {variant} FAILED:\n{err}", file=sys.stderr, flush=True)
+            rows.append({"variant": variant, "error": err})
+        write_outputs(args, overrides, rows, meta)  # after every variant, so a partial table exists
+    md_path, json_path = write_outputs(args, overrides, rows, meta)
+    print("\n" + md_path.read_text(encoding="utf-8"))
+    print(f"[compare] wrote {md_path} and {json_path}")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Small shared utilities (crash-safe writes, test-only fault injection)."""

@@ -20,6 +20,8 @@ Usage:
 Any other ``--section.key=value`` is a config override applied to every variant (e.g. ``--train.batch_size=8``,
 ``--trainer.enable_progress_bar=false``). Outputs under ``--out`` (default ``runs/compare/{scale}``):
 ``compare.md``, ``compare.json``, ``rows/{variant}.json`` and one launcher run directory per variant in ``runs/``.
+Once a variant's row is written its Lightning checkpoints are deleted (weights + optimizer state, GBs per variant at
+small scale; the export, summary and TensorBoard logs stay) unless ``--keep_checkpoints``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import sys
@@ -34,11 +37,15 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# eval/ is a folder of scripts, not a package: keep its file names (e.g. a script called inspect.py) from shadowing
+# standard-library modules imported later (torch imports inspect), and import memlm from the checkout
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("dense", "pkm", "memory_plus", "ultramem", "ultramem_v2", "peer")
-DEFAULT_PRETRAIN = "configs/pretrain/tiny.yaml"
+DEFAULT_PRETRAIN = "configs/pretrain/tiny.yaml"  # paths relative to the checkout (or the working directory)
 
 # (json key, markdown header, format) of the table's columns, in order
 COLUMNS = [
@@ -48,6 +55,7 @@ COLUMNS = [
     ("fact_em", "fact EM", "{:.1%}"),
     ("fact_f1", "fact F1", "{:.1%}"),
     ("tokens_per_s", "train tok/s", "{:,.0f}"),
+    ("bench_tokens_per_s", "fwd+bwd tok/s", "{:,.0f}"),
     ("total_params", "total params", "{:,}"),
     ("active_params", "active params", "{:,}"),
     ("flops_per_token", "fwd FLOPs/token", "{:,}"),
@@ -72,6 +80,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--model_dir", default="configs/model", help="where {scale}_{variant}.yaml model configs live")
     p.add_argument("--usage_batches", type=int, default=10, help="validation batches for the memory usage stats")
     p.add_argument("--skip_existing", action="store_true", help="reuse finished runs, resume interrupted ones")
+    p.add_argument(
+        "--bench_rounds",
+        type=int,
+        default=20,
+        help="timed forward+backward rounds per variant, interleaved across variants (0 = skip)",
+    )
+    p.add_argument(
+        "--keep_checkpoints",
+        action="store_true",
+        help="keep finished variants' Lightning checkpoints (default: delete)",
+    )
     args, overrides = p.parse_known_args(argv)
     bad = [a for a in overrides if not (a.startswith("--") and "=" in a)]
     if bad:
@@ -83,8 +102,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if args.steps is not None and args.steps <= 0:
         p.error("--steps must be > 0")
     args.out = Path(args.out or f"runs/compare/{args.scale}")
-    args.config = args.config or [DEFAULT_PRETRAIN]
+    args.config = [_in_checkout(c) for c in args.config or [DEFAULT_PRETRAIN]]
+    args.model_dir = _in_checkout(args.model_dir)
     return args, overrides
+
+
+def _in_checkout(path: str) -> str:
+    """``path`` as given if it exists from the working directory, else relative to the checkout (run from anywhere)."""
+    return path if Path(path).exists() or not (ROOT / path).exists() else str(ROOT / path)
 
 
 def model_file(args: argparse.Namespace, variant: str) -> Path:
@@ -172,20 +197,76 @@ def memory_usage(run_dir: Path, n_batches: int) -> dict | None:
     return {"tokens": n_tokens, "mean": mean, "layers": per_layer}
 
 
+def bench_fwd_bwd(rows: list[dict], rounds: int) -> dict[str, float]:
+    """Training-step speed without the optimizer: tokens/s of forward + backward of every exported model on one
+    validation batch. Rounds go round-robin over the variants, so load from other processes on a shared machine hits
+    every variant alike (the launcher's own tokens/s is measured run by run, minutes apart). Median of ``rounds``."""
+    import statistics
+
+    import torch
+
+    import memlm
+    from memlm.config import load_run_config
+    from memlm.data.datamodule import LMDataModule
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {}
+    for r in rows:
+        model, tokenizer = memlm.load_pretrained(Path(r["run_dir"]) / "export", device=device)
+        models[r["variant"]] = model.train()
+    cfg = load_run_config([Path(rows[0]["run_dir"]) / "config.yaml"])
+    dm = LMDataModule(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.train.batch_size, tokenizer=tokenizer)
+    dm.prepare_data()
+    dm.setup("fit")
+    x, y = (t.to(device) for t in next(iter(dm.val_dataloader())))  # (B, T) each
+
+    def step(model) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(x, y)[1]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {v: [] for v in models}
+    for i in range(rounds + 2):  # two warm-up rounds
+        for v, model in models.items():
+            dt = step(model)
+            if i >= 2:
+                times[v].append(dt)
+    return {v: x.numel() / statistics.median(t) for v, t in times.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # one variant
 
 
-def _finished_summary(run_dir: Path, steps: int) -> dict | None:
+def _same_recipe(run_dir: Path, cfg) -> bool:
+    """Whether ``run_dir`` was trained with ``cfg`` (model, data, optim, train sections and the step budget)."""
+    import yaml
+
+    from memlm.config import to_dict
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return False
+    saved, want = yaml.safe_load(path.read_text(encoding="utf-8")) or {}, to_dict(cfg)
+    want["model"]["vocab_size"] = saved.get("model", {}).get("vocab_size")  # the launcher takes it from the tokenizer
+    same = all(saved.get(k) == want[k] for k in ("model", "data", "optim", "train"))
+    return same and (saved.get("trainer") or {}).get("max_steps") == cfg.trainer["max_steps"]
+
+
+def _finished_summary(run_dir: Path, cfg) -> dict | None:
+    """The summary of a finished run of this very recipe (with its export), else None."""
     import yaml
 
     path = run_dir / "summary.yaml"
-    if not path.is_file():
+    if not path.is_file() or not (run_dir / "export" / "model.safetensors").is_file() or not _same_recipe(run_dir, cfg):
         return None
     summary = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if summary.get("steps") != steps or not (run_dir / "export" / "model.safetensors").is_file():
-        return None
-    return summary
+    return summary if summary.get("steps") == cfg.trainer["max_steps"] else None
 
 
 def run_variant(args: argparse.Namespace, variant: str, overrides: list[str]) -> dict:
@@ -198,18 +279,18 @@ def run_variant(args: argparse.Namespace, variant: str, overrides: list[str]) ->
     steps = int(cfg.trainer["max_steps"])
     run_dir = Path(cfg.train.run_dir) / cfg.train.name
     row_path = args.out / "rows" / f"{variant}.json"
-    if args.skip_existing and row_path.is_file():
+    if args.skip_existing and row_path.is_file() and _same_recipe(run_dir, cfg):
         row = json.loads(row_path.read_text(encoding="utf-8"))
         if row.get("steps") == steps and row.get("error") is None:
             print(f"[compare] {variant}: reusing {row_path}", flush=True)
             return row
 
-    summary = _finished_summary(run_dir, steps) if args.skip_existing else None
+    summary = _finished_summary(run_dir, cfg) if args.skip_existing else None
     if summary is not None:
         print(f"[compare] {variant}: reusing finished run {run_dir}", flush=True)
     else:
         ckpt = None
-        if args.skip_existing and (run_dir / "checkpoints" / "last.ckpt").is_file():
+        if args.skip_existing and (run_dir / "checkpoints" / "last.ckpt").is_file() and _same_recipe(run_dir, cfg):
             ckpt = "last"
             print(f"[compare] {variant}: resuming {run_dir} from its last checkpoint", flush=True)
         elif run_dir.exists():
@@ -259,6 +340,8 @@ def run_variant(args: argparse.Namespace, variant: str, overrides: list[str]) ->
     }
     row_path.parent.mkdir(parents=True, exist_ok=True)
     row_path.write_text(json.dumps(row, indent=2), encoding="utf-8")
+    if not args.keep_checkpoints and (run_dir / "checkpoints").is_dir():
+        shutil.rmtree(run_dir / "checkpoints")  # weights + optimizer state: GBs per variant at small scale
     return row
 
 
@@ -308,8 +391,10 @@ def write_outputs(args: argparse.Namespace, overrides: list[str], rows: list[dic
         md.append(f"WARNING: the variants did not see the same number of tokens: {budgets}.")
     md += [
         "",
-        "fact EM/F1: greedy answers to a seeded sample of pretraining facts. train tok/s: training-step wall time "
-        "(noisy on a shared machine). Params and FLOPs from memlm.model.accounting (active = params read per token). "
+        "fact EM/F1: greedy answers to a seeded sample of pretraining facts. train tok/s: the launcher's training-step "
+        "wall time, run by run (on a shared machine it mostly measures the load of the moment). fwd+bwd tok/s: forward "
+        f"+ backward of the trained models on one batch, median of {args.bench_rounds} rounds interleaved across "
+        "variants (no optimizer step). Params and FLOPs from memlm.model.accounting (active = params read per token). "
         f"Memory coverage / KL(usage || uniform): exported model over {args.usage_batches} validation batches, "
         "per memory layer over the rows it addresses, averaged over layers (N = rows per layer).",
     ]
@@ -359,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[compare] {variant} FAILED:\n{err}", file=sys.stderr, flush=True)
             rows.append({"variant": variant, "error": err})
         write_outputs(args, overrides, rows, meta)  # after every variant, so a partial table exists
+    ok = [r for r in rows if not r.get("error")]
+    if args.bench_rounds > 0 and ok:
+        print(f"[compare] timing forward+backward, {args.bench_rounds} interleaved rounds", flush=True)
+        tps = bench_fwd_bwd(ok, args.bench_rounds)
+        for r in ok:
+            r["bench_tokens_per_s"] = tps[r["variant"]]
     md_path, json_path = write_outputs(args, overrides, rows, meta)
     print("\n" + md_path.read_text(encoding="utf-8"))
     print(f"[compare] wrote {md_path} and {json_path}")

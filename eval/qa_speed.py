@@ -6,16 +6,23 @@ Questions are worldfacts questions in the QA prompt format. Stop sequences are o
 generates the same number of tokens and the comparison is fair; the outputs of all settings are checked to agree.
 """
 
-import argparse
-import json
-import statistics
+import os
 import sys
-import time
 
-import torch
+# eval/ is sys.path[0] when a script in it runs: swap it for the checkout (runs without installing), so that
+# eval/inspect.py cannot shadow the standard library's inspect
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
-from memlm.evaluation import MemLMAdapter
-from memlm.evaluation.cli import USER_ERRORS, load_checkpoint
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from memlm.evaluation import MemLMAdapter  # noqa: E402
+from memlm.evaluation.cli import USER_ERRORS, load_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> int:

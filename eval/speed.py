@@ -335,7 +335,7 @@ def section_tokens_per_s(args: argparse.Namespace, device: torch.device, bandwid
 def section_slot_scaling(args: argparse.Namespace, device: torch.device, bandwidth: float) -> dict:
     """(c) full training-step time as slots grow 16x at fixed width: dense AdamW vs. row-sparse values."""
     base = _memory_cfg(args)
-    n_keys = [16, 32, 64] if args.quick else [256, 512, 1024]  # 16x slots: 256 -> 4096 (quick), 65k -> 1M
+    n_keys = [64, 128, 256] if args.quick else [256, 512, 1024]  # 16x slots: 4096 -> 65k (quick), 65k -> 1M
     batch, seq = args.scaling_batch, base.max_seq_len
     rows = []
     it = dict(warmup=args.warmup, iters=args.iters)
@@ -368,7 +368,7 @@ def section_retrieval(args: argparse.Namespace, device: torch.device, bandwidth:
     """(d) product-key top-k time vs. slot count (forward, and forward+backward into queries and keys)."""
     heads, knn = args.heads, args.knn
     k_dim = 32 if args.quick else 256
-    n_keys = [16, 32, 64] if args.quick else [256, 512, 1024]
+    n_keys = [256, 512, 1024]  # 65k -> 1M slots (also in --quick: only the token count is smaller)
     knn = min(knn, n_keys[0])
     t = args.tokens
     rows = []
@@ -493,6 +493,14 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, torch.device, float], dict]] =
 }
 
 
+def quick_cpu_threads(args: argparse.Namespace) -> bool:
+    """--threads (default 1 with --quick on CPU: tiny ops gain nothing from threads, and a busy machine's thread
+    oversubscription otherwise inflates the timings up to 100x)."""
+    if args.threads is None and args.quick:
+        args.threads = 1
+    return args.threads is not None
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", default="a,b,c,d,e", help="comma-separated subset of " + ",".join(SECTIONS))
@@ -511,6 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--knn", type=int, default=32)
     p.add_argument("--batch", type=int, default=None, help="(b) sequences per step (default 32 x 512 tokens)")
     p.add_argument("--scaling_batch", type=int, default=None, help="(c) sequences per step (default 4 x 512 tokens)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 with --quick, else torch's)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     args = p.parse_args(argv)
@@ -523,11 +532,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
     device = torch.device(args.device)
+    if device.type == "cpu" and quick_cpu_threads(args):
+        torch.set_num_threads(args.threads)
     quick = args.quick
     args.rows = args.rows or ([4096, 16384] if quick else [65536, 262144, 1048576])
     args.dim = args.dim or (64 if quick else 1024)
     args.tokens = args.tokens or (256 if quick else 16384)
-    args.iters = args.iters or (3 if quick else 10)
+    args.iters = args.iters or (7 if quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
     args.batch = args.batch or (4 if quick else 32)
     args.scaling_batch = args.scaling_batch or (4 if quick else 4)

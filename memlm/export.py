@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,20 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", with_t
     return model, tokenizer
 
 
+def verify_checkpoint_file(path: str | Path) -> None:
+    """Check a ``torch.save`` file (a zip archive) end to end against the CRC-32 of every record, so a truncated or
+    corrupted checkpoint is one clear :class:`CheckpointError` (``torch.load`` does not check the tensor bytes)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{path} is truncated or not a checkpoint ({e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupted (record {bad} fails its checksum); use another checkpoint")
+
+
 def _load_lightning_ckpt(path: Path, device, with_tokenizer: bool):
+    verify_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:

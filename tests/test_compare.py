@@ -22,7 +22,17 @@ MODELS = {
 def run_compare(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MEMLM_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "eval/compare.py", "--config", TINY, "--model_dir", str(tmp / "models"), "--steps", "3"]
-    cmd += ["--variants", "dense,ultramem_v2", "--out", str(tmp / "out"), "--usage_batches", "2", *args]
+    cmd += [
+        "--variants",
+        "dense,ultramem_v2",
+        "--out",
+        str(tmp / "out"),
+        "--usage_batches",
+        "2",
+        "--bench_rounds",
+        "2",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -49,20 +59,31 @@ def test_table_rows_columns_and_numbers(compared):
         assert r["steps"] == 3 and r["tokens"] == 3 * 4 * 32, name  # same token budget: steps x batch x seq_len
         assert 0 < r["val_loss"] < 10 and 0 < r["initial_val_loss"] < 10, name
         assert r["fact_n"] == 4 and 0.0 <= r["fact_em"] <= 1.0, name
-        assert r["tokens_per_s"] > 0 and r["flops_per_token"] > 0, name
+        assert r["tokens_per_s"] > 0 and r["bench_tokens_per_s"] > 0 and r["flops_per_token"] > 0, name
         assert r["total_params"] >= r["active_params"] > 0, name
     dense, mem = rows["dense"], rows["ultramem_v2"]
     assert dense["total_params"] == dense["active_params"]
     assert dense["mem_coverage"] is None and dense["memory_usage"] is None
     assert mem["total_params"] > mem["active_params"]  # the memory tables are read sparsely
     assert 0.0 < mem["mem_coverage"] <= 1.0 and mem["mem_kl"] >= 0.0
+    assert not (Path(mem["run_dir"]) / "checkpoints").exists()  # pruned once the row is written
+    assert (Path(mem["run_dir"]) / "export" / "model.safetensors").is_file()
     # UltraMemV2: two layers, each measured over its own 8**2-row window of the global table
     assert [layer["n_rows"] for layer in mem["memory_usage"]["layers"]] == [64, 64]
 
     md = (tmp / "out" / "compare.md").read_text()
     lines = [ln for ln in md.splitlines() if ln.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    for col in ("variant", "val loss", "fact EM", "train tok/s", "total params", "active params", "mem coverage"):
+    for col in (
+        "variant",
+        "val loss",
+        "fact EM",
+        "train tok/s",
+        "fwd+bwd tok/s",
+        "total params",
+        "active params",
+        "mem coverage",
+    ):
         assert col in header, col
     body = {ln.strip("|").split("|")[0].strip(): ln for ln in lines[2:]}
     assert set(body) == {"dense", "ultramem_v2"}
@@ -72,7 +93,9 @@ def test_table_rows_columns_and_numbers(compared):
 def test_skip_existing_reuses_finished_runs(compared):
     tmp, _ = compared
     (tmp / "out" / "rows" / "dense.json").unlink()  # a row lost: rebuilt from the finished run, no training
-    r = run_compare(tmp, "--train.probe_facts=4", "--data.facts.groups=[countries]", "--skip_existing")
+    r = run_compare(
+        tmp, "--train.probe_facts=4", "--data.facts.groups=[countries]", "--skip_existing", "--bench_rounds", "0"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dense: reusing finished run" in r.stdout and "ultramem_v2: reusing" in r.stdout
     assert "training 3 steps" not in r.stdout

@@ -144,3 +144,11 @@ def test_bad_stream_and_config(env, capsys, extra, needle):
     extra = tuple(e.format(empty=env["base"] / "empty.jsonl") for e in extra)
     err = _bad(env, capsys, env["base"] / "bad4", *extra)
     assert needle in err
+
+
+def test_every_finetune_config_parses():
+    from memlm.config import load_finetune_config
+
+    for path in sorted((ROOT / "configs" / "finetune").glob("*.yaml")):
+        cfg = load_finetune_config([path])
+        assert cfg.optim.lr > 0, path

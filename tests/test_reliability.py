@@ -149,3 +149,45 @@ def test_nonfinite_skip_leaves_weights_untouched(tmp_path, inproc, monkeypatch):
     assert after["global_step"] == 3 and after["callbacks"]["NonFiniteGuard"]["skipped"] == 1
     assert all(torch.equal(before[k], after["state_dict"][k]) for k in before), "a skipped step moved a weight"
     assert all(math.isfinite(v) for v in losses(tmp_path / "skip").values())
+
+
+# ---------------------------------------------------------------------------------------------- evaluation resume
+
+
+def test_interrupted_eval_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
+    from eval_fixtures import FIXTURES, tiny_export
+
+    import memlm.evaluation.runner as runner
+    from memlm.evaluation.cli import run_main
+
+    export = tiny_export(tmp_path / "export", tmp_path / "cache")
+    tasks = f"{FIXTURES / 'task_local.yaml'},mc:{FIXTURES / 'mc.jsonl'},ppl:{FIXTURES / 'heldout.txt'}"
+    common = ["--ckpt", str(export), "--tasks", tasks, "--limit", "4", "--batch_size", "2", "--chunk", "2",
+              "--predictions"]  # fmt: skip
+    assert run_main([*common, "--out", str(tmp_path / "clean.json")]) == 0
+    real, calls = runner._score_rows, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # dies in the middle of the second task
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "_score_rows", flaky)
+    out = tmp_path / "res.json"
+    assert run_main([*common, "--out", str(out)]) == 130
+    assert not out.exists() and (tmp_path / "res.json.partial.jsonl").is_file()
+    calls.clear()
+    capsys.readouterr()
+    assert run_main([*common, "--out", str(out)]) == 0
+    assert "resuming: 6 examples already scored" in capsys.readouterr().err
+    assert len(calls) == 3  # only the chunks that were not done: 1 of mc + 2 of heldout
+    assert not (tmp_path / "res.json.partial.jsonl").exists()
+    a, b = json.loads((tmp_path / "clean.json").read_text()), json.loads(out.read_text())
+    for t in a["tasks"]:
+        assert a["tasks"][t]["metrics"] == b["tasks"][t]["metrics"], t
+        assert a["tasks"][t]["predictions"] == b["tasks"][t]["predictions"], t
+    # a re-run with other settings refuses the partial file of this one instead of mixing results
+    (tmp_path / "res.json.partial.jsonl").write_text(json.dumps({"fingerprint": {"limit": 9}}) + "\n")
+    assert run_main([*common, "--out", str(out)]) == 2
+    assert "partial results of a different evaluation" in capsys.readouterr().err

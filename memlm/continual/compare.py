@@ -2,8 +2,8 @@
 (the comparison of Lin et al. 2025, "Continual Learning via Sparse Memory Finetuning"), all from the same base
 checkpoint, on the same fact stream, evaluated on the same tasks (the base model is evaluated once).
 
-    python -m memlm.continual.compare --ckpt runs/tiny/export [--methods sparse_memory,full] \
-        [--out_dir runs/continual_compare] [--stream.stages=2 ...] [--full.optim.lr=3e-5 ...]
+    python -m memlm.continual.compare --ckpt runs/tiny/export [--config configs/finetune/tiny_compare.yaml] \
+        [--methods sparse_memory,full] [--out_dir runs/continual_compare] [--stream.stages=2] [--full.optim.lr=3e-5]
 
 ``--section.key=value`` applies to every method; ``--<method>.section.key=value`` to one. Each method starts from
 ``configs/finetune/<method>.yaml`` (``--configs_dir`` to change). Writes ``<out_dir>/<method>/`` per method (see
@@ -29,15 +29,20 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED = ("stream", "eval")  # sections that must be identical across methods (same facts, same tasks)
 
 
-def method_configs(methods: list[str], configs_dir: Path, overrides: dict[str, Any], out_dir: str):
-    """Resolved FinetuneConfig per method: its YAML < shared overrides < its own overrides."""
-    shared = {k: v for k, v in overrides.items() if k not in METHODS}
+def method_configs(
+    methods: list[str], configs_dir: Path, overrides: dict[str, Any], out_dir: str, shared_yaml: list[str] = ()
+):
+    """Resolved FinetuneConfig per method: its YAML < shared YAMLs (``--config``) < shared overrides < its own."""
+    shared: dict[str, Any] = {}
+    for p in shared_yaml:
+        shared = deep_merge(shared, read_yaml(p))
+    shared = deep_merge(shared, {k: v for k, v in overrides.items() if k not in METHODS})
     cfgs = {}
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
         path = configs_dir / f"{m}.yaml"
-        data = deep_merge(read_yaml(path), shared)
+        data = deep_merge(read_yaml(path), {k: v for k, v in shared.items() if k != "method"})
         data = deep_merge(data, overrides.get(m) or {})
         data = deep_merge(data, {"method": m, "out_dir": out_dir, "name": m})
         cfgs[m] = load_finetune_config(overrides=data)
@@ -81,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", required=True, help="the base checkpoint (export directory or .ckpt)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--configs_dir", default=str(ROOT / "configs" / "finetune"))
+    p.add_argument("--config", action="append", default=[], help="shared YAML for every method (e.g. the stream)")
     p.add_argument("--out_dir", default="runs/continual_compare")
     p.add_argument("--quiet", action="store_true")
     try:
         args, rest = p.parse_known_args(argv)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        cfgs = method_configs(methods, Path(args.configs_dir), parse_overrides(rest), args.out_dir)
+        cfgs = method_configs(methods, Path(args.configs_dir), parse_overrides(rest), args.out_dir, args.config)
         if not args.quiet:
             for m, c in cfgs.items():
                 print(f"{m}: optim {yaml.safe_dump(to_dict(c.optim), default_flow_style=True).strip()}")

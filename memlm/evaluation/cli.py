@@ -76,15 +76,31 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list_tasks", action="store_true", help="print the known task names and exit")
 
 
-def _run(args, ckpt: str) -> dict[str, Any]:
+def _run(args, ckpt: str, partial: Path | None = None) -> dict[str, Any]:
+    """Evaluate ``ckpt``; with ``partial`` per-example results are appended there and an interrupted run with the
+    same checkpoint and settings continues from it (see :class:`memlm.evaluation.runner.ResultsLog`)."""
     specs = resolve_tasks(args.tasks, args.task_dir)  # fail on a bad task before loading anything
     model, tok, run_config, meta = load_checkpoint(ckpt, args.tokenizer, args.device)
+    log = None
+    if partial is not None:
+        from memlm.evaluation.runner import ResultsLog
+
+        fingerprint = {"checkpoint_sha256": checkpoint_hash(ckpt), "tokenizer_sha256": getattr(tok, "hash", None),
+                       "tasks": [s.to_dict() for s in specs], "limit": args.limit, "shots": args.shots,
+                       "batch_size": args.batch_size, "use_cache": not args.no_cache}  # fmt: skip
+        log = ResultsLog(partial, fingerprint, chunk=args.chunk or 32 * args.batch_size)
+        if log.resumed:
+            print(f"resuming: {log.resumed} examples already scored in {partial}", file=sys.stderr)
     t0 = time.perf_counter()
-    res = evaluate(
-        model, tok, specs, limit=args.limit, shots=args.shots, batch_size=args.batch_size,
-        predictions=getattr(args, "predictions", False), use_cache=not args.no_cache, run_config=run_config,
-        task_dirs=args.task_dir,
-    )  # fmt: skip
+    try:
+        res = evaluate(
+            model, tok, specs, limit=args.limit, shots=args.shots, batch_size=args.batch_size,
+            predictions=getattr(args, "predictions", False), use_cache=not args.no_cache, run_config=run_config,
+            task_dirs=args.task_dir, log=log,
+        )  # fmt: skip
+    finally:
+        if log is not None:
+            log.close()
     res["config"].update(
         checkpoint=str(ckpt), checkpoint_sha256=checkpoint_hash(ckpt), step=meta.get("step"),
         num_params=model.num_params(), device=args.device, seconds=round(time.perf_counter() - t0, 2),
@@ -115,18 +131,24 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--predictions", action="store_true", help="include per-example predictions in the JSON")
     p.add_argument("--tensorboard", default=None, help="also log the metrics to this TensorBoard directory")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="with --out: examples scored between appends to OUT.partial.jsonl (default 32 x batch_size); "
+                   "a re-run with the same --out continues after the last complete chunk")  # fmt: skip
     args = p.parse_args(argv)
     if args.list_tasks:
         print("\n".join(known_tasks(args.task_dir)))
         return 0
     if not args.ckpt:
         p.error("--ckpt is required")
-    res = _run(args, args.ckpt)
+    out = Path(args.out) if args.out else None
+    partial = out.with_name(out.name + ".partial.jsonl") if out else None
+    res = _run(args, args.ckpt, partial)
     print(format_table(res))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if out:
+        from memlm.utils.atomic import atomic_write_text
+
+        atomic_write_text(out, json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        partial.unlink(missing_ok=True)  # the results are complete and in place
         print(f"wrote {out}")
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter

@@ -166,30 +166,15 @@ def _fewshot(pool: list[dict], row: dict, k: int, seed: int) -> list[dict]:
 # running
 
 
-def run_task(
-    adapter: MemLMAdapter,
-    spec: TaskSpec,
-    limit: int | None = None,
-    shots: int = 0,
-    seed: int = 1234,
-    predictions: bool = False,
-    facts_kw: dict | None = None,
-) -> dict[str, Any]:
-    """Evaluate one task; returns its results entry (see module docstring)."""
-    facts_kw = facts_kw or {}
-    rows, source = load_rows(spec, spec.split, limit, facts_kw)
-    pool = rows
-    if shots and spec.type != "perplexity" and spec.fewshot_split and spec.fewshot_split != spec.split:
-        pool, _ = load_rows(spec, spec.fewshot_split, spec.fewshot_pool, facts_kw)
-    t0 = time.perf_counter()
-    per: list[dict[str, float]] = []
+def _score_rows(adapter: MemLMAdapter, spec: TaskSpec, rows: list[dict], pool: list[dict], shots: int,
+                seed: int) -> list[dict]:  # fmt: skip
+    """One prediction record per row (prompt, prediction, per-example scores) — everything the metrics need."""
     preds: list[dict] = []
     if spec.type == "generate":
         contexts = [_context(spec, r, _fewshot(pool, r, shots, seed)) for r in rows]
         outs = adapter.generate_until(contexts, spec.until, spec.max_new_tokens, desc=spec.name)
         for r, ctx, out in zip(rows, contexts, outs):
             s = qa_scores(out, r["answers"])
-            per.append({m: s[m] for m in spec.metrics})
             preds.append({"id": r["id"], "prompt": ctx, "prediction": out, "answers": r["answers"], **s})
     elif spec.type == "multiple_choice":
         reqs, owners = [], []
@@ -203,24 +188,57 @@ def run_task(
             lls[j].append(ll)
         for r, ll in zip(rows, lls):
             s = mc_scores(ll, r["choices"], r["label"])
-            per.append({m: s[m] for m in spec.metrics})
             best = max(range(len(ll)), key=lambda i: ll[i])
             preds.append({"id": r["id"], "logliks": ll, "prediction": best, "label": r["label"], **s})
     else:
         texts = [r["text"] for r in rows]
         lls = adapter.loglikelihood_rolling(texts, desc=spec.name)
-        n_tok = [adapter.count_tokens(t) for t in texts]
-        for r, t, ll, n in zip(rows, texts, lls, n_tok):
-            preds.append({"id": r["id"], "loglik": ll, "tokens": n, "bytes": len(t.encode("utf-8"))})
+        for r, t, ll in zip(rows, texts, lls):
+            n_tok, n_bytes, n_words = adapter.count_tokens(t), len(t.encode("utf-8")), len(t.split())
+            preds.append({"id": r["id"], "loglik": ll, "tokens": n_tok, "bytes": n_bytes, "words": n_words})
+    return preds
+
+
+def run_task(
+    adapter: MemLMAdapter,
+    spec: TaskSpec,
+    limit: int | None = None,
+    shots: int = 0,
+    seed: int = 1234,
+    predictions: bool = False,
+    facts_kw: dict | None = None,
+    log: ResultsLog | None = None,
+) -> dict[str, Any]:
+    """Evaluate one task; returns its results entry (see module docstring). With ``log`` the rows are scored in
+    chunks of ``log.chunk`` examples, each chunk's records appended durably to the log, and chunks already in the log
+    (from an interrupted run) are not scored again."""
+    facts_kw = facts_kw or {}
+    rows, source = load_rows(spec, spec.split, limit, facts_kw)
+    pool = rows
+    if shots and spec.type != "perplexity" and spec.fewshot_split and spec.fewshot_split != spec.split:
+        pool, _ = load_rows(spec, spec.fewshot_split, spec.fewshot_pool, facts_kw)
+    t0 = time.perf_counter()
+    if log is None:
+        preds = _score_rows(adapter, spec, rows, pool, shots, seed)
+    else:
+        preds = []
+        size = log.chunk
+        for c, start in enumerate(range(0, len(rows), size)):
+            chunk = rows[start : start + size]
+            done = log.done(spec.name, c, len(chunk))
+            if done is None:
+                done = _score_rows(adapter, spec, chunk, pool, shots, seed)
+                log.append(spec.name, c, done)
+            preds.extend(done)
     seconds = time.perf_counter() - t0
     if spec.type == "perplexity":
         total = perplexity_scores(
             sum(p["loglik"] for p in preds), sum(p["tokens"] for p in preds), sum(p["bytes"] for p in preds),
-            sum(len(t.split()) for t in texts),
+            sum(p["words"] for p in preds),
         )  # fmt: skip
         metrics = {m: total[m] for m in spec.metrics}
     else:
-        metrics = aggregate(per)
+        metrics = aggregate([{m: p[m] for m in spec.metrics} for p in preds])
     entry = {
         "type": spec.type,
         "metrics": metrics,
@@ -238,6 +256,48 @@ def run_task(
     return entry
 
 
+class ResultsLog:
+    """Per-example results of an evaluation appended durably to ``path`` (JSONL), so an interrupted run continues
+    where it stopped: the first line is the run's ``fingerprint`` (checkpoint hash, tasks, limit, shots, ...), then
+    one line per example tagged with its task and chunk. Only complete chunks count as done, so the re-scored part
+    is batched exactly as in an uninterrupted run and the results are identical."""
+
+    def __init__(self, path: str | Path, fingerprint: dict[str, Any], chunk: int) -> None:
+        from memlm.utils.atomic import JsonlLog, read_jsonl_log
+
+        self.path, self.chunk = Path(path), max(1, int(chunk))
+        fingerprint = {**fingerprint, "chunk": self.chunk}
+        try:
+            records = read_jsonl_log(self.path)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        if records and records[0].get("fingerprint") != fingerprint:
+            old = records[0].get("fingerprint") or {}
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            raise DataError(
+                f"{self.path} holds partial results of a different evaluation (differs in: {', '.join(diff)}); "
+                "delete it to start over, or pass another --out"
+            )
+        self._chunks: dict[tuple[str, int], list[dict]] = {}
+        for r in records[1:]:
+            self._chunks.setdefault((r["task"], r["chunk"]), []).append(r["record"])
+        self.resumed = sum(len(v) for v in self._chunks.values())
+        self._log = JsonlLog(self.path)
+        if not records:
+            self._log.append({"fingerprint": fingerprint})
+
+    def done(self, task: str, chunk: int, n: int) -> list[dict] | None:
+        got = self._chunks.get((task, chunk))
+        return got if got is not None and len(got) == n else None
+
+    def append(self, task: str, chunk: int, records: list[dict]) -> None:
+        self._log.append(*({"task": task, "chunk": chunk, "record": r} for r in records))
+        self._chunks[(task, chunk)] = records
+
+    def close(self) -> None:
+        self._log.close()
+
+
 def evaluate(
     model,
     tokenizer,
@@ -252,6 +312,7 @@ def evaluate(
     seed: int = 1234,
     run_config: dict | None = None,
     task_dirs: list[str | Path] | None = None,
+    log: ResultsLog | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``tasks`` (names, YAML paths, data-file shorthands, dicts or TaskSpecs).
 
@@ -260,6 +321,7 @@ def evaluate(
         shots: few-shot examples per prompt (generate and multiple-choice tasks).
         run_config: the model's training config (an export's config.yaml): its ``data.facts`` picks the worldfacts
             split the model was trained on.
+        log: a :class:`ResultsLog`: per-example results are appended to it and chunks already there are reused.
     Returns:
         ``{"config": {...}, "tasks": {name: entry}}``.
     """
@@ -274,7 +336,7 @@ def evaluate(
         "tasks": {},
     }  # fmt: skip
     for spec in specs:
-        results["tasks"][spec.name] = run_task(adapter, spec, limit, shots, seed, predictions, facts_kw)
+        results["tasks"][spec.name] = run_task(adapter, spec, limit, shots, seed, predictions, facts_kw, log)
     return results
 
 

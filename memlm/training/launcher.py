@@ -88,6 +88,9 @@ def _resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
 def _check_ckpt_matches(ckpt_path: str, cfg: RunConfig, tokenizer_sha256: str | None = None) -> None:
     """Refuse to resume from an unreadable checkpoint, one trained with another tokenizer, or one of another
     architecture (with one clear line, not a shape traceback)."""
+    from memlm.export import verify_checkpoint_file
+
+    verify_checkpoint_file(ckpt_path)
     try:  # mmap: the check reads only the metadata, not all the tensors, of a large checkpoint
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:

@@ -1,0 +1,122 @@
+"""Inputs users get wrong: each is one clear ``error: ...`` line and exit code 2 (train.py / eval/run.py entry points,
+called in-process), no traceback, and nothing half-written left behind (no temp files, checkpoints and exports at
+their final paths unchanged). One tiny trained run (2 steps) is shared by every case."""
+
+import errno
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from memlm.evaluation.cli import run_main
+from memlm.training.launcher import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "tests/fixtures/train/tiny.yaml"
+FAST = ["--trainer.max_steps=2", "--train.checkpoint_every=2", "--trainer.accelerator=cpu"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A finished 2-step run (checkpoint + export) and a tokenizer of another vocabulary."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        mp.setenv("MEMLM_CACHE", str(root / "cache"))
+        assert main(["--config", TINY, *FAST, f"--train.run_dir={root}", "--train.name=good"]) == 0
+        from memlm.data.tokenizer import Tokenizer
+
+        text = (ROOT / "tests/fixtures/train/corpus.txt").read_text(encoding="utf-8").splitlines()
+        Tokenizer.train(text, 384, cache_dir=root / "cache").save(root / "tok384")
+    return root
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _write(tmp: Path, name: str, data: str | bytes) -> str:
+    p = tmp / name
+    p.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return str(p)
+
+
+def _disk_full(obj, f, *a, **k):
+    f.write(b"\0" * 4096)  # a few bytes land, then the disk is full
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+LATIN1 = "café ok".encode("latin-1")
+
+# each case: (tmp, run) -> (argv for train.py, needle); `run` is a private copy of the good run (to resume / overwrite)
+CASES = {
+    "malformed_yaml": lambda t, r: (["--config", _write(t, "bad.yaml", "model: {dim: [64,\n")], "bad.yaml"),
+    "unknown_key": lambda t, r: (["--config", TINY, "--config", _write(t, "k.yaml", "model: {dimm: 3}\n")],
+                                 "model.dimm"),
+    "wrong_type": lambda t, r: (["--config", TINY, "--train.batch_size=four"], "train.batch_size"),
+    "missing_data_file": lambda t, r: (["--config", TINY, f"--data.sources=[{{kind: text, path: {t}/no.txt}}]"],
+                                       "no.txt"),
+    "empty_corpus": lambda t, r: (["--config", TINY,
+                                   f"--data.sources=[{{kind: text, path: {_write(t, 'e.txt', '')}}}]"], "no documents"),
+    "non_utf8_text": lambda t, r: (["--config", TINY,
+                                    f"--data.sources=[{{kind: text, path: {_write(t, 'l1.txt', LATIN1)}}}]"],
+                                   "not valid UTF-8"),
+    "truncated_checkpoint": lambda t, r: (["--config", TINY, "--ckpt_path",
+                                           _write(t, "t.ckpt", (r / "checkpoints/last.ckpt").read_bytes()[:100_000])],
+                                          "truncated"),
+    "corrupted_checkpoint": lambda t, r: (["--config", TINY, "--ckpt_path", _corrupt(t, r)], "corrupted"),
+    "other_architecture": lambda t, r: (["--config", TINY, "--model.dim=48", "--ckpt_path=last"],
+                                        "different architecture"),
+    "other_tokenizer": lambda t, r: (["--config", TINY, "--data.tokenizer.vocab_size=384", "--ckpt_path=last"],
+                                     "another tokenizer"),
+    "disk_full_checkpoint": lambda t, r: (["--config", TINY, "--trainer.max_steps=4", "--ckpt_path=last"],
+                                          "disk full while writing checkpoint"),
+    "disk_full_export": lambda t, r: (["--config", TINY, "--ckpt_path=last"], "disk full while writing the export"),
+}  # fmt: skip
+
+
+def _corrupt(tmp: Path, run: Path) -> str:
+    data = bytearray((run / "checkpoints/last.ckpt").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 2000] = bytes(2000)  # zero a stretch of tensor bytes
+    return _write(tmp, "c.ckpt", bytes(data))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_train_bad_input_is_one_clear_error(case, base, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "runs" / "good"
+    shutil.copytree(base / "good", run)
+    ckpt, export = run / "checkpoints" / "last.ckpt", run / "export" / "model.safetensors"
+    before = {p: _sha(p) for p in (ckpt, export)}
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("MEMLM_CACHE", str(base / "cache"))
+    if case == "disk_full_checkpoint":
+        monkeypatch.setattr(torch, "save", _disk_full)
+    if case == "disk_full_export":
+        monkeypatch.setattr("memlm.export.save_model", lambda model, path: _disk_full(None, open(path, "wb")))
+    argv, needle = CASES[case](tmp_path, run)
+    capsys.readouterr()
+    code = main([*argv, *FAST[1:], f"--train.run_dir={tmp_path / 'runs'}", "--train.name=good"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2, err[-3000:]
+    assert len(errors) == 1 and needle in errors[0], err[-3000:]
+    assert "Traceback" not in err
+    # nothing half-written: no temp files anywhere, the last checkpoint and the export untouched
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name], list(tmp_path.rglob("*.tmp-*"))
+    assert {p: _sha(p) for p in (ckpt, export)} == before
+
+
+def test_eval_export_with_a_tokenizer_of_another_vocabulary(base, tmp_path, capsys):
+    bad = tmp_path / "export"
+    shutil.copytree(base / "good" / "export", bad)
+    shutil.rmtree(bad / "tokenizer")
+    shutil.copytree(base / "tok384", bad / "tokenizer")
+    assert run_main(["--ckpt", str(bad), "--tasks", "triviaqa", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "384 tokens" in err and "vocab_size is 512" in err, err
+    # the same through --tokenizer on a good export
+    assert run_main(["--ckpt", str(base / "good" / "export"), "--tokenizer", str(base / "tok384"), "--tasks",
+                     "triviaqa", "--limit", "1"]) == 2  # fmt: skip
+    assert "384 tokens" in capsys.readouterr().err

@@ -6,7 +6,9 @@ pretraining recipe (``configs/pretrain/tiny.yaml`` by default): same data, token
 length, step count and seed. Per variant the table has:
 
 - val loss at the end (and at step 0), fact recall (exact match / F1) on a seeded sample of pretraining facts,
-- training tokens/s (the launcher's own meter: wall time of the training steps; noisy on a shared machine),
+- training tokens/s (the launcher's own meter: wall time of the training steps, run by run, so on a shared machine
+  it mostly measures the load of the moment) and forward+backward tokens/s of the trained models timed round-robin
+  across variants at the end (``--bench_rounds``; fair under load),
 - total / active parameters and forward FLOPs per token (``memlm.model.param_counts`` / ``flops_per_token``),
 - memory usage of the exported model over ``--usage_batches`` validation batches: coverage (fraction of slots read
   at least once) and KL(usage || uniform), per memory layer over the rows it can address, averaged over layers.
@@ -243,6 +245,13 @@ def bench_fwd_bwd(rows: list[dict], rounds: int) -> dict[str, float]:
 # one variant
 
 
+def _covers(want, saved) -> bool:
+    """``saved`` agrees with ``want`` on every key it has (config fields added since the run was saved are skipped)."""
+    if isinstance(want, dict) and isinstance(saved, dict):
+        return all(k in want and _covers(want[k], v) for k, v in saved.items())
+    return want == saved
+
+
 def _same_recipe(run_dir: Path, cfg) -> bool:
     """Whether ``run_dir`` was trained with ``cfg`` (model, data, optim, train sections and the step budget)."""
     import yaml
@@ -254,7 +263,7 @@ def _same_recipe(run_dir: Path, cfg) -> bool:
         return False
     saved, want = yaml.safe_load(path.read_text(encoding="utf-8")) or {}, to_dict(cfg)
     want["model"]["vocab_size"] = saved.get("model", {}).get("vocab_size")  # the launcher takes it from the tokenizer
-    same = all(saved.get(k) == want[k] for k in ("model", "data", "optim", "train"))
+    same = all(_covers(want[k], saved.get(k)) for k in ("model", "data", "optim", "train"))
     return same and (saved.get("trainer") or {}).get("max_steps") == cfg.trainer["max_steps"]
 
 

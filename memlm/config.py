@@ -605,21 +605,30 @@ class RunConfig(_YamlMixin):
         return self.train.seq_len or self.model.max_seq_len
 
 
-def load_run_config(paths: list[str | Path] | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
-    """defaults < YAML files (merged in order) < overrides (``--a.b=c`` strings or a nested dict)."""
-    data: dict[str, Any] = {}
-    layers = [read_yaml(p) for p in paths or []]
+def _merge_layers(paths: list[str | Path] | None, overrides: list[str] | dict | None) -> dict[str, Any]:
+    """YAML files (merged in order), then overrides. A ``model:`` given as a string (in a YAML, or ``--model=FILE``)
+    names a model YAML (relative to the including file or the working directory) that replaces the model section."""
+    layers: list[tuple[dict[str, Any], Path]] = [(read_yaml(p), Path(p).parent) for p in paths or []]
     if isinstance(overrides, dict):
-        layers.append(overrides)
+        layers.append((overrides, Path.cwd()))
     elif overrides:
         named = [a for a in overrides if a.startswith("--model=")]  # a model file first, field overrides on top
-        layers += [{"model": a.split("=", 1)[1]} for a in named]
-        layers.append(parse_overrides([a for a in overrides if a not in named]))
-    for layer in layers:
-        if isinstance(layer.get("model"), str):  # `model: configs/model/x.yaml` (or --model=...) names a model YAML
-            layer = {**layer, "model": read_yaml(layer["model"])}
+        layers += [({"model": a.split("=", 1)[1]}, Path.cwd()) for a in named]
+        layers.append((parse_overrides([a for a in overrides if a not in named]), Path.cwd()))
+    data: dict[str, Any] = {}
+    for layer, base in layers:
+        ref = layer.get("model")
+        if isinstance(ref, str):
+            path = Path(ref) if Path(ref).is_file() or Path(ref).is_absolute() else base / ref
+            layer = {**layer, "model": read_yaml(path)}
             data.pop("model", None)  # a named model file replaces the model section instead of merging into it
         data = deep_merge(data, layer)
+    return data
+
+
+def load_run_config(paths: list[str | Path] | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """defaults < YAML files (merged in order) < overrides (``--a.b=c`` strings or a nested dict)."""
+    data = _merge_layers(paths, overrides)
     if "trainer" in data:  # trainer args merge over the defaults instead of replacing them
         data["trainer"] = deep_merge(_default_trainer(), data["trainer"] or {})
     return from_dict(RunConfig, data)
@@ -808,17 +817,4 @@ def load_finetune_config(
     paths: list[str | Path] | None = None, overrides: list[str] | dict | None = None
 ) -> FinetuneConfig:
     """defaults < YAML files (merged in order) < overrides (``--a.b=c`` strings or a nested dict)."""
-    data: dict[str, Any] = {}
-    layers = [read_yaml(p) for p in paths or []]
-    if isinstance(overrides, dict):
-        layers.append(overrides)
-    elif overrides:
-        named = [a for a in overrides if a.startswith("--model=")]  # a model file first, field overrides on top
-        layers += [{"model": a.split("=", 1)[1]} for a in named]
-        layers.append(parse_overrides([a for a in overrides if a not in named]))
-    for layer in layers:
-        if isinstance(layer.get("model"), str):  # `model: configs/model/x.yaml` (or --model=...) names a model YAML
-            layer = {**layer, "model": read_yaml(layer["model"])}
-            data.pop("model", None)  # a named model file replaces the model section instead of merging into it
-        data = deep_merge(data, layer)
-    return from_dict(FinetuneConfig, data)
+    return from_dict(FinetuneConfig, _merge_layers(paths, overrides))

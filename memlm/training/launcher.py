@@ -46,6 +46,7 @@ def _trainer_kwargs(cfg: RunConfig, run_dir: Path) -> dict:
     kw.setdefault("precision", "bf16-mixed" if cuda else "32-true")
     kw.setdefault("default_root_dir", str(run_dir))
     kw.setdefault("num_sanity_val_steps", 0)
+    kw.setdefault("check_val_every_n_epoch", None)  # val_check_interval counts steps across epochs
     kw.setdefault("use_distributed_sampler", False)  # LMDataModule shards itself (and honours data.shuffle)
     from lightning.fabric.plugins import CheckpointIO
 
@@ -165,7 +166,10 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
     throughput, stats = Throughput(), MemoryStats(cfg.train.stats_every)
     callbacks = [
         ModelCheckpoint(
-            dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.train.checkpoint_every
+            dirpath=run_dir / "checkpoints",
+            save_last=True,  # only last.ckpt: a step-numbered copy beside it doubles disk use (GBs at 1M slots)
+            save_top_k=0,
+            every_n_train_steps=cfg.train.checkpoint_every,
         ),
         LearningRateMonitor(logging_interval="step"),
         throughput,

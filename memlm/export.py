@@ -28,6 +28,7 @@ from safetensors.torch import load_model, save_model
 
 from memlm.config import ConfigError, ModelConfig, from_dict
 from memlm.model import MemLM
+from memlm.utils.atomic import fsync_dir
 
 MARKER = "memlm_export.json"
 FORMAT_VERSION = 1
@@ -35,19 +36,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint / export that cannot be loaded; the message says which path and why."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_pretrained(
@@ -75,7 +63,7 @@ def save_pretrained(
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if out_dir.exists():  # replace: move the old one aside first, then swap, then delete
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
@@ -83,7 +71,7 @@ def save_pretrained(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):

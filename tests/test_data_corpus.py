@@ -31,8 +31,12 @@ def offline(monkeypatch, tmp_path):
 
 
 def cfg(**kw) -> DataConfig:
-    base = {"sources": [{"kind": "wiki", "path": WIKI}, {"kind": "worldfacts", "weight": 0.5}],
-            "tokenizer": {"vocab_size": 400}, "facts": {"min_city_population": 5_000_000}, "val_fraction": 0.1}
+    base = {
+        "sources": [{"kind": "wiki", "path": WIKI}, {"kind": "worldfacts", "weight": 0.5}],
+        "tokenizer": {"vocab_size": 400},
+        "facts": {"min_city_population": 5_000_000},
+        "val_fraction": 0.1,
+    }
     return DataConfig.from_dict({**base, **kw})  # fmt: skip
 
 
@@ -60,8 +64,17 @@ def test_sources_and_mixture(tmp_path):
                                   {"kind": "jsonl", "path": str(tmp_path), "text_field": "body"}]))  # fmt: skip
     assert sorted(c.documents) == ["another", "first doc\nstill first", "first doc\nstill first", "json doc",
                                    "second doc", "second doc"]  # fmt: skip
-    assert c.hash == build_corpus(cfg(sources=[{"kind": "text", "path": str(tmp_path / "a.txt"), "weight": 2.0},
-                                               {"kind": "jsonl", "path": str(tmp_path), "text_field": "body"}])).hash
+    assert (
+        c.hash
+        == build_corpus(
+            cfg(
+                sources=[
+                    {"kind": "text", "path": str(tmp_path / "a.txt"), "weight": 2.0},
+                    {"kind": "jsonl", "path": str(tmp_path), "text_field": "body"},
+                ]
+            )
+        ).hash
+    )
     pytest.importorskip("pyarrow")
     import pyarrow as pa
     import pyarrow.parquet as pq

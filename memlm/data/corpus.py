@@ -196,8 +196,14 @@ def source_documents(src: SourceConfig, cfg: DataConfig) -> tuple[list[str], str
 
         f = cfg.facts
         split = src.split or "pretrain"
-        docs = worldfacts_documents(split, heldout_fraction=f.heldout_fraction, seed=f.seed, groups=tuple(f.groups),
-                                    min_city_population=f.min_city_population, cache_dir=cfg.cache_dir)
+        docs = worldfacts_documents(
+            split,
+            heldout_fraction=f.heldout_fraction,
+            seed=f.seed,
+            groups=tuple(f.groups),
+            min_city_population=f.min_city_population,
+            cache_dir=cfg.cache_dir,
+        )
         origin = f"worldfacts [{split}]"
     else:  # the config's Literal already rejects this
         raise DataError(f"unknown source kind {src.kind!r}")
@@ -225,8 +231,15 @@ def build_corpus(cfg: DataConfig) -> Corpus:
     for src in cfg.sources:
         docs, origin = source_documents(src, cfg)
         docs = weighted(docs, src.weight, rng)
-        stats.append({"kind": src.kind, "origin": origin, "weight": src.weight, "documents": len(docs),
-                      "bytes": sum(len(d.encode("utf-8")) for d in docs)})
+        stats.append(
+            {
+                "kind": src.kind,
+                "origin": origin,
+                "weight": src.weight,
+                "documents": len(docs),
+                "bytes": sum(len(d.encode("utf-8")) for d in docs),
+            }
+        )
         log.info("corpus source %s: %d documents", origin, len(docs))
         documents += docs
     if not documents:

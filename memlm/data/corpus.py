@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from memlm.config import DataConfig, SourceConfig
 from memlm.data.cache import hub_reachable
-from memlm.data.errors import BadRows, DataError, log, where
+from memlm.data.errors import BadRows, DataError, jsonl_records, log, where
 
 SUFFIXES = {"text": (".txt", ".text", ".md"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 
@@ -104,17 +103,7 @@ def read_jsonl(path: Path, field: str = "text", skip: bool = False) -> list[str]
     """``field`` of each JSON object line; blank lines are ignored, anything else bad names file:line."""
     bad = BadRows(path, skip)
     docs = []
-    for i, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            bad.bad(i, f"not valid UTF-8 (byte 0x{raw[e.start]:02x})")
-            continue
-        except json.JSONDecodeError as e:
-            bad.bad(i, f"malformed JSON ({e.msg} at column {e.colno})")
-            continue
+    for i, rec in jsonl_records(path, bad):
         if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
             bad.bad(i, f"expected an object with a string field '{field}'")
             continue

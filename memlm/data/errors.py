@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("memlm.data")
 
@@ -44,3 +47,20 @@ def utf8_error(path: str | Path, raw: bytes, e: UnicodeDecodeError) -> DataError
     """A DataError naming the line of the first byte that is not UTF-8."""
     line = raw.count(b"\n", 0, e.start) + 1
     return DataError(f"{where(path, line)}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-encode the file as UTF-8")
+
+
+def jsonl_records(path: str | Path, bad: BadRows) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed JSON)`` of each non-blank line of a JSONL file; lines that are not UTF-8 or not JSON are
+    reported to ``bad`` (an error naming file:line, or a counted skip)."""
+    for i, raw in enumerate(Path(path).read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            bad.bad(i, f"not valid UTF-8 (byte 0x{raw[e.start]:02x})")
+            continue
+        except json.JSONDecodeError as e:
+            bad.bad(i, f"malformed JSON ({e.msg} at column {e.colno})")
+            continue
+        yield i, rec

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlm.data.cache import Member, WheelSource, hub_reachable, wheel_files
-from memlm.data.errors import BadRows, DataError, log, utf8_error
+from memlm.data.errors import BadRows, DataError, jsonl_records, log, utf8_error
 
 _JAR = "pyserini/resources/jars/anserini-0.14.1-fatjar.jar"
 _TOPICS = {  # file in the jar's topics-and-qrels/ -> sha256
@@ -201,14 +201,7 @@ def parse_jsonl(path: Path, columns: dict, prefix: str, skip: bool) -> tuple[lis
     qcol, acol, icol = columns.get("question", "question"), columns.get("answers", "answers"), columns.get("id")
     bad = BadRows(path, skip)
     rows = []
-    for i, line in enumerate(_read_utf8(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.bad(i, f"malformed JSON ({e.msg} at column {e.colno})")
-            continue
+    for i, rec in jsonl_records(path, bad):
         if not isinstance(rec, dict):
             bad.bad(i, "expected a JSON object")
             continue

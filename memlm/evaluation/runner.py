@@ -8,13 +8,12 @@ The results dict (also what ``eval/run.py`` writes as JSON)::
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
 from typing import Any
 
-from memlm.data.errors import BadRows, DataError
+from memlm.data.errors import BadRows, DataError, jsonl_records
 from memlm.evaluation.adapter import MemLMAdapter
 from memlm.evaluation.metrics import aggregate, mc_scores, perplexity_scores, qa_scores
 from memlm.evaluation.tasks import TaskError, TaskSpec, resolve_tasks
@@ -54,14 +53,7 @@ def _mc_rows(spec: TaskSpec) -> list[dict]:
         raise DataError(f"task {spec.name}: multiple-choice file not found: {path}")
     bad = BadRows(path)
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.bad(i, f"malformed JSON ({e.msg})")
-            continue
+    for i, rec in jsonl_records(path, bad):
         q = rec.get(spec.question_field, rec.get("context")) if isinstance(rec, dict) else None
         choices, label = (rec.get(spec.choices_field), rec.get(spec.label_field)) if isinstance(rec, dict) else (0, 0)
         if not isinstance(q, str):

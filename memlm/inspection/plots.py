@@ -13,6 +13,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def _save(fig, ax, path: str | Path) -> Path:
+    """Grid, tight layout, write the PNG and free the figure."""
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_usage_curve(usage: list[torch.Tensor], path: str | Path, title: str = "slot usage over the corpus sample"):
     """usage: per memory layer (rows,) read counts -> log-log curve of counts sorted descending (+ unused share)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -25,11 +34,7 @@ def plot_usage_curve(usage: list[torch.Tensor], path: str | Path, title: str = "
     ax.set_ylabel("reads")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path)
 
 
 def plot_fact_slots(
@@ -66,8 +71,4 @@ def plot_row_changes(tables: list, path: str | Path) -> Path:
     ax.set_title("value rows changed by finetuning")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path)

@@ -90,6 +90,22 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
+def profile_kernels(fn: Callable[[], object], device: torch.device, label: str, top: int = 14) -> None:
+    """Print the ``top`` device kernels of three calls of ``fn`` by total time (``--profile``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    _sync(device)
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            fn()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile: {label} (3 calls)")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70))
+
+
 def _maybe_oom(fn: Callable[[], float]) -> float | None:
     try:
         return fn()
@@ -162,6 +178,8 @@ def _lookup_case(args: argparse.Namespace, device: torch.device, bandwidth: floa
         for name, kw in [("dense", {}), ("sparse", dict(sparse=True)), ("atomic", dict(deterministic=False))]:
             fn = _fwd_bwd(lambda tb, ww, kw=kw: lookup.value_lookup(tb, idx, ww, **kw), table, w, gout)
             ms[f"triton_fwd_bwd_{name}"] = _maybe_oom(lambda fn=fn: time_ms(fn, device, **it))
+            if args.profile and name != "atomic" and n == max(args.rows):
+                profile_kernels(fn, device, f"(a) Triton lookup fwd+bwd, {name} grad, {n} rows")
     # stock PyTorch, bf16: embedding_bag forward (no bf16 CUDA backward with per-sample weights) + the gather path
     with torch.no_grad():
         ms["torch_bf16_embbag_fwd"] = _maybe_oom(
@@ -314,6 +332,8 @@ def section_tokens_per_s(args: argparse.Namespace, device: torch.device, bandwid
         step = _TrainStep(c, opt, device, batch, seq)
         fb = time_ms(step.forward_backward, device, **it)
         ms = time_ms(step, device, **it)
+        if args.profile:
+            profile_kernels(step, device, f"(b) training step, {name}, {opt}")
         step.close()
         rows.append(dict(model=name, value_optimizer=opt, step_ms=ms, fwd_bwd_ms=fb, tokens_per_s=tokens / ms * 1e3))
     base = rows[0]["tokens_per_s"]
@@ -365,40 +385,45 @@ def section_slot_scaling(args: argparse.Namespace, device: torch.device, bandwid
 
 
 def section_retrieval(args: argparse.Namespace, device: torch.device, bandwidth: float) -> dict:
-    """(d) product-key top-k time vs. slot count (forward, and forward+backward into queries and keys)."""
+    """(d) product-key top-k time vs. slot count (forward, and forward+backward into queries and keys), stock
+    PyTorch top-k vs. the fused Triton top-k (CUDA)."""
     heads, knn = args.heads, args.knn
     k_dim = 32 if args.quick else 256
     n_keys = [256, 512, 1024]  # 65k -> 1M slots (also in --quick: only the token count is smaller)
     knn = min(knn, n_keys[0])
     t = args.tokens
+    impls = ["torch"] + (["triton"] if device.type == "cuda" and kernels._triton_importable() else [])
     rows = []
     it = dict(warmup=args.warmup, iters=args.iters)
-    for n in n_keys:
-        torch.manual_seed(0)
-        keys = ProductKeys(heads, n, k_dim, qk_norm=True).to(device)
-        q = torch.randn(t, heads, k_dim, device=device, requires_grad=True)  # (T, heads, k_dim)
+    for impl in impls:
+        for n in n_keys:
+            torch.manual_seed(0)
+            keys = ProductKeys(heads, n, k_dim, qk_norm=True).to(device)
+            q = torch.randn(t, heads, k_dim, device=device, requires_grad=True)  # (T, heads, k_dim)
 
-        def fwd(keys=keys, q=q):
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                keys.retrieve(q, knn)
+            def fwd(keys=keys, q=q):
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    keys.retrieve(q, knn, impl=impl)
 
-        def fwd_bwd(keys=keys, q=q):
-            keys.zero_grad(set_to_none=True)
-            q.grad = None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                scores, _ = keys.retrieve(q, knn)  # (T, heads, knn)
-            scores.float().sum().backward()
+            def fwd_bwd(keys=keys, q=q):
+                keys.zero_grad(set_to_none=True)
+                q.grad = None
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    scores, _ = keys.retrieve(q, knn, impl=impl)  # (T, heads, knn)
+                scores.float().sum().backward()
 
-        rows.append(dict(slots=n * n, n_keys=n, fwd_ms=time_ms(fwd, device, **it),
-                         fwd_bwd_ms=time_ms(fwd_bwd, device, **it)))  # fmt: skip
+            rows.append(dict(impl=impl, slots=n * n, n_keys=n, fwd_ms=time_ms(fwd, device, **it),
+                             fwd_bwd_ms=time_ms(fwd_bwd, device, **it)))  # fmt: skip
+    first = {r["impl"]: r for r in rows if r["n_keys"] == n_keys[0]}
     for r in rows:
-        r["fwd_vs_smallest"] = r["fwd_ms"] / rows[0]["fwd_ms"]
-        r["fwd_bwd_vs_smallest"] = r["fwd_bwd_ms"] / rows[0]["fwd_bwd_ms"]
-        r["sqrt_n_ratio"] = (r["slots"] / rows[0]["slots"]) ** 0.5
+        r["fwd_vs_smallest"] = r["fwd_ms"] / first[r["impl"]]["fwd_ms"]
+        r["fwd_bwd_vs_smallest"] = r["fwd_bwd_ms"] / first[r["impl"]]["fwd_bwd_ms"]
+        r["sqrt_n_ratio"] = (r["slots"] / n_keys[0] ** 2) ** 0.5
     _print_table(
-        f"(d) product-key retrieval, {t} tokens x {heads} heads, top-{knn}, k_dim {k_dim}",
-        ["slots", "fwd ms", "x smallest", "fwd+bwd ms", "x smallest", "sqrt(N) ratio"],
-        [[str(r["slots"]), r["fwd_ms"], r["fwd_vs_smallest"], r["fwd_bwd_ms"], r["fwd_bwd_vs_smallest"],
+        f"(d) product-key retrieval (query scores + top-k), {t} tokens x {heads} heads, top-{knn}, k_dim {k_dim}, "
+        "qk-norm",
+        ["top-k", "slots", "fwd ms", "x smallest", "fwd+bwd ms", "x smallest", "sqrt(N) ratio"],
+        [[r["impl"], str(r["slots"]), r["fwd_ms"], r["fwd_vs_smallest"], r["fwd_bwd_ms"], r["fwd_bwd_vs_smallest"],
           r["sqrt_n_ratio"]] for r in rows],
     )  # fmt: skip
     return dict(tokens=t, heads=heads, knn=knn, k_dim=k_dim, results=rows)
@@ -464,6 +489,9 @@ def section_layer(args: argparse.Namespace, device: torch.device, bandwidth: flo
             r = dict(layer=f"Memory+ {n_keys**2} slots", table=str(table_dtype).split(".")[-1],
                      grad="sparse" if sparse else "dense")  # fmt: skip
             r["ms"], r["peak_gib"] = _maybe_oom(lambda layer=layer: _layer_case(layer, x, device, it)) or (None, None)
+            if args.profile and r["ms"] is not None and table_dtype == torch.bfloat16:
+                profile_kernels(lambda layer=layer: _layer_case(layer, x, device, dict(warmup=0, iters=1)), device,
+                                f"(e) {r['layer']}, {r['table']} table, {r['grad']} grad")  # fmt: skip
             rows.append(r)
             del layer
             if device.type == "cuda":
@@ -520,6 +548,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=None, help="(b) sequences per step (default 32 x 512 tokens)")
     p.add_argument("--scaling_batch", type=int, default=None, help="(c) sequences per step (default 4 x 512 tokens)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 with --quick, else torch's)")
+    p.add_argument("--profile", action="store_true", help="(a), (b), (e): print the top device kernels of each case")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     args = p.parse_args(argv)

@@ -97,11 +97,15 @@ def test_forward_matches_reference(kern, shape, dtype):
     torch.testing.assert_close(out.cpu().double(), ref, **_tol(dtype))
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse", "atomic"])
+@pytest.mark.parametrize("mode", ["dense", "sparse", "atomic", "dense-multirow", "sparse-multirow"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_backward_matches_reference(kern, shape, dtype, mode):
+def test_backward_matches_reference(kern, monkeypatch, shape, dtype, mode):
     mod, dev = kern
+    if mode.endswith("-multirow"):  # several table rows per program, with eager and lazy row reads
+        mode = mode.split("-")[0]
+        monkeypatch.setitem(mod.CONFIG, "bwd_rows_per_prog", 4)
+        monkeypatch.setitem(mod.CONFIG, "bwd_eager_row", shape[0] % 2 == 0)
     n, d = shape[:2]
     table, idx, w, gout = _inputs(*shape, dtype, dev)
     rows, gtab, gw = mod.lookup_backward(table, idx, w, gout, mode=mode)
@@ -158,12 +162,15 @@ def test_deterministic_bitwise(kern, mode):
     assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][2], grads[1][2])
 
 
+@pytest.mark.parametrize("rows_per_prog", [1, 4])
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_heavy_rows_chunked_pass(kern, monkeypatch, mode, dtype):
-    """Rows read more than CONFIG['bwd_cap'] times take the chunked path; same result, still deterministic."""
+def test_heavy_rows_chunked_pass(kern, monkeypatch, mode, dtype, rows_per_prog):
+    """Rows read more than CONFIG['bwd_cap'] times take the chunked path; same result, still deterministic (with
+    one or several table rows per program of the segmented backward)."""
     mod, dev = kern
     monkeypatch.setitem(mod.CONFIG, "bwd_cap", 3)
+    monkeypatch.setitem(mod.CONFIG, "bwd_rows_per_prog", rows_per_prog)
     table, idx, w, gout = _inputs(7, 100, (30,), 6, dtype, dev, seed=4)
     idx[:5, :] = 2  # one hot row next to rows just over the cap
     n, d = table.shape
@@ -218,6 +225,101 @@ def test_cuda_dispatch_larger_bf16():
     torch.testing.assert_close(out.detach().cpu().double(), ref_out, atol=5e-2, rtol=1e-2)
     torch.testing.assert_close(t.grad.cpu().double(), ref_gt, atol=5e-2, rtol=1e-2)
     torch.testing.assert_close(wr.grad.cpu().double(), ref_gw, atol=1e-3, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fused product-key top-k
+
+TOPK_CASES = [  # (T, heads, n_keys, knn, dtype, rows per program): odd n_keys (padded columns), knn = n_keys
+    (5, 3, 64, 8, torch.float32, 1),
+    (4, 2, 100, 16, torch.bfloat16, 2),
+    (3, 1, 33, 4, torch.float32, 4),
+    (2, 2, 8, 8, torch.float32, 1),
+]
+
+
+@pytest.fixture(scope="module")
+def topk_kern(kern):
+    return importlib.import_module("memlm.model.memory.kernels.topk"), kern[1]
+
+
+def _slot_grads(idx, g, n):
+    """float64 gradient of s (..., 2, n) for scores s1[i] + s2[j] at the given slots i * n + j."""
+    gs = torch.zeros(*idx.shape[:-1], 2, n, dtype=torch.float64)
+    gs[..., 0, :].scatter_add_(-1, idx // n, g)
+    gs[..., 1, :].scatter_add_(-1, idx % n, g)
+    return gs
+
+
+@pytest.mark.parametrize("case", TOPK_CASES)
+def test_fused_topk_matches_exhaustive_search(topk_kern, monkeypatch, case):
+    mod, dev = topk_kern
+    t, h, n, knn, dtype, rows = case
+    monkeypatch.setitem(mod.CONFIG, "fwd_rows", rows)
+    monkeypatch.setitem(mod.CONFIG, "bwd_rows", rows)
+    g = torch.Generator().manual_seed(n)
+    s = torch.randn(t, h, 2, n, generator=g).to(dtype)  # bf16: many exact ties among candidate sums
+    sd = s.to(dev).requires_grad_()
+    scores, idx = mod.ProductTopKFunction.apply(sd, knn)
+    scores, idx = scores.cpu(), idx.cpu()
+    s64 = s.double()
+    full = (s64[..., 0, :, None] + s64[..., 1, None, :]).flatten(-2)  # (T, H, n*n) every slot's exact score
+    ref_scores = full.topk(knn, dim=-1).values
+    assert scores.dtype == torch.float32 and idx.dtype == torch.int64 and idx.shape == (t, h, knn)
+    torch.testing.assert_close(scores.double(), ref_scores, atol=1e-6, rtol=1e-6)  # sorted, exact top-k values
+    torch.testing.assert_close(full.gather(-1, idx), scores.double(), atol=1e-6, rtol=1e-6)  # ids match scores
+    assert all(len(set(r)) == knn for r in idx.view(-1, knn).tolist())  # distinct slots
+    grad = torch.randn(t, h, knn, generator=g)
+    sd.grad = None
+    out, _ = mod.ProductTopKFunction.apply(sd, knn)
+    out.backward(grad.to(dev))
+    assert sd.grad.dtype == dtype
+    torch.testing.assert_close(sd.grad.cpu().double(), _slot_grads(idx, grad.double(), n), **_tol(dtype))
+
+
+def test_fused_topk_agrees_with_pytorch_path_in_product_keys(topk_kern):
+    from memlm.model.memory.product_keys import ProductKeys
+
+    _, dev = topk_kern
+    torch.manual_seed(0)
+    keys = ProductKeys(heads=2, n_keys=40, k_dim=16, qk_norm=True).to(dev)
+    q = torch.randn(3, 5, 2, 16, device=dev)
+    s_ref, i_ref = keys.retrieve(q, 8, impl="torch")
+    s_fused, i_fused = keys.retrieve(q, 8, impl="triton")
+    assert torch.equal(i_ref, i_fused)  # fp32 random scores: no ties
+    torch.testing.assert_close(s_fused, s_ref.float(), atol=1e-6, rtol=1e-6)
+    # gradients into queries and keys agree too
+    grads = []
+    for impl in ("torch", "triton"):
+        keys.zero_grad(set_to_none=True)
+        qq = q.clone().requires_grad_()
+        sc, _ = keys.retrieve(qq, 8, impl=impl)
+        sc.float().square().sum().backward()
+        grads.append((qq.grad, keys.weight.grad))
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_topk_deterministic_and_supported_sizes(topk_kern):
+    mod, dev = topk_kern
+    s = torch.randn(6, 2, 2, 16).to(dev).requires_grad_()
+    res = []
+    for _ in range(2):
+        s.grad = None
+        sc, idx = mod.ProductTopKFunction.apply(s, 4)
+        sc.backward(torch.ones_like(sc))  # duplicate sub-keys in a row: summed in a fixed order
+        res.append((sc, idx, s.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(res[0], res[1]))
+    # scores in a permuted layout (as a batched matmul leaves them): read in place, gradient in the same layout
+    base = torch.randn(2, 2, 6, 16).to(dev)  # (H, 2, T, N) storage
+    sp = base.permute(2, 0, 1, 3).requires_grad_()  # (T, H, 2, N) view
+    sc, idx = mod.ProductTopKFunction.apply(sp, 4)
+    ref, _ = mod.ProductTopKFunction.apply(sp.detach().contiguous(), 4)
+    assert torch.equal(sc, ref)
+    sc.backward(torch.ones_like(sc))
+    assert sp.grad.stride() == sp.stride()
+    torch.testing.assert_close(sp.grad.cpu().double(), _slot_grads(idx.cpu(), torch.ones(6, 2, 4).double(), 16))
+    assert mod.supported(1024, 32) and not mod.supported(1024, 24) and not mod.supported(16, 32)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

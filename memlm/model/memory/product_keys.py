@@ -98,21 +98,34 @@ class ProductKeys(nn.Module):
         bound = 1.0 / math.sqrt(self.k_dim)  # PKM: uniform keys with bound 1/sqrt(k_dim)
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def half_scores(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """query (..., heads, k_dim) -> s1, s2 each (..., heads, n_keys), computed in fp32."""
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """query (..., heads, k_dim) -> (..., heads, 2, n_keys): both halves' scores, computed in fp32 (the einsum
+        runs in the autocast dtype under autocast)."""
         q = query.float().unflatten(-1, (2, self.half))  # (..., heads, 2, half)
         keys = self.weight.float()  # (heads, 2, n_keys, half)
-        if self.qk_norm:
-            q, keys = _rms(q), _rms(keys)
-        s = torch.einsum("...hsd,hsnd->...hsn", q, keys)  # (..., heads, 2, n_keys)
-        if self.qk_norm:
-            s = s / math.sqrt(self.half)
+        if self.qk_norm:  # the 1/sqrt(half) scale goes on the (small) query, not on the (large) scores
+            q, keys = _rms(q) / math.sqrt(self.half), _rms(keys)
+        return torch.einsum("...hsd,hsnd->...hsn", q, keys)  # (..., heads, 2, n_keys)
+
+    def half_scores(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (..., heads, k_dim) -> s1, s2 each (..., heads, n_keys)."""
+        s = self.scores(query)
         return s[..., 0, :], s[..., 1, :]
 
-    def retrieve(self, query: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """query (..., heads, k_dim) -> (scores, indices), each (..., heads, knn)."""
-        s1, s2 = self.half_scores(query)
-        return product_topk(s1, s2, knn)
+    def retrieve(self, query: torch.Tensor, knn: int, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """query (..., heads, k_dim) -> (scores, indices), each (..., heads, knn).
+
+        ``impl``: "auto" (the fused Triton top-k on CUDA when it supports the size, else PyTorch), "torch" or
+        "triton". Both return the same slots up to ties; the fused path returns fp32 scores (candidate sums formed in
+        fp32), the PyTorch path scores in the dtype of the half scores.
+        """
+        s = self.scores(query)  # (..., heads, 2, n_keys)
+        if impl == "triton" or (impl == "auto" and s.is_cuda):
+            from memlm.model.memory import kernels  # local import: Triton is optional
+
+            if impl == "triton" or kernels.topk_available(s, knn):
+                return kernels.product_topk_fused(s, knn)
+        return product_topk(s[..., 0, :], s[..., 1, :], knn)
 
     def slot_scores(self, query: torch.Tensor) -> torch.Tensor:
         """query (..., heads, k_dim) -> (..., heads, n_keys**2): the score of every slot."""

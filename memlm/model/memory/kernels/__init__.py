@@ -1,8 +1,10 @@
-"""Fused Triton kernels for the weighted value lookup (the CUDA fast path of ``memory.values.value_lookup``).
+"""Fused Triton kernels: the weighted value lookup (the CUDA fast path of ``memory.values.value_lookup``) and the
+product-key top-k (the CUDA fast path of ``ProductKeys.retrieve``).
 
-The kernels live in :mod:`.lookup` (imported lazily: Triton is optional). ``available(table)`` says whether they can
-run for a table; ``triton_value_lookup`` is the differentiable entry point. On CPU they run only under
-``TRITON_INTERPRET=1`` (tests), which must be set before :mod:`.lookup` is first imported.
+The kernels live in :mod:`.lookup` and :mod:`.topk` (imported lazily: Triton is optional). ``available(table)`` and
+``topk_available(s, knn)`` say whether they can run; ``triton_value_lookup`` and ``product_topk_fused`` are the
+differentiable entry points. On CPU they run only under ``TRITON_INTERPRET=1`` (tests), which must be set before
+Triton is first imported.
 """
 
 from __future__ import annotations
@@ -24,6 +26,23 @@ def _triton_importable() -> bool:
 def available(table: torch.Tensor) -> bool:
     """Whether the Triton fast path can run for this table (CUDA tensor, Triton installed, float dtype)."""
     return table.is_cuda and table.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_importable()
+
+
+def topk_available(s: torch.Tensor, knn: int) -> bool:
+    """Whether the fused product-key top-k can run for scores ``s`` (..., heads, 2, n_keys)."""
+    if not (s.is_cuda and s.is_floating_point() and _triton_importable()):
+        return False
+    from memlm.model.memory.kernels import topk
+
+    return topk.supported(s.shape[-1], knn)
+
+
+def product_topk_fused(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused exact product-key top-k: s (..., heads, 2, n_keys) -> (scores fp32, slot ids int64), each
+    (..., heads, knn) sorted by score; differentiable in ``s``. See :mod:`.topk`."""
+    from memlm.model.memory.kernels import topk
+
+    return topk.ProductTopKFunction.apply(s, knn)
 
 
 def triton_value_lookup(

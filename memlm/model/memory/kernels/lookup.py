@@ -111,6 +111,64 @@ def _bwd_rows_kernel(
 
 
 @triton.jit
+def _bwd_multirow_kernel(
+    table_ptr, gout_ptr, w_ptr, perm_ptr, seg_row_ptr, seg_off_ptr, out_ptr, gw_ptr,
+    S, K, D, L, stride_t, CAP,
+    ROW_IS_SEG: tl.constexpr, NEED_GW: tl.constexpr, EAGER_ROW: tl.constexpr,
+    RB: tl.constexpr, BLOCK_D: tl.constexpr, TAB_EVICT: tl.constexpr,
+):  # fmt: skip
+    """Like :func:`_bwd_rows_kernel` for RB segments per program (more loads in flight per program, fewer
+    programs): step j reads the j-th occurrence of every segment at once, up to the longest segment's count.
+    Segments longer than CAP are skipped (the chunked pass handles them)."""
+    segs = tl.program_id(0) * RB + tl.arange(0, RB)  # (RB,)
+    smask = segs < S
+    segs64 = segs.to(tl.int64)
+    pd = tl.program_id(1)
+    cols = pd * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    cmask = cols < D
+    if ROW_IS_SEG:
+        rows = segs64
+    else:
+        rows = tl.load(seg_row_ptr + segs64, mask=smask, other=0).to(tl.int64)
+    if EAGER_ROW and NEED_GW:  # issue the row reads before the offsets are known (may read untouched rows)
+        trow = tl.load(
+            table_ptr + rows[:, None] * stride_t + cols[None, :],
+            mask=smask[:, None] & cmask[None, :],
+            other=0.0,
+            eviction_policy=TAB_EVICT,
+        ).to(tl.float32)  # (RB, BLOCK_D)
+    start = tl.load(seg_off_ptr + segs64, mask=smask, other=0)
+    cnt = tl.load(seg_off_ptr + segs64 + 1, mask=smask, other=0) - start  # (RB,)
+    light = smask & (cnt <= CAP)
+    cnt = tl.where(light, cnt, 0)
+    if not EAGER_ROW and NEED_GW:
+        trow = tl.load(
+            table_ptr + rows[:, None] * stride_t + cols[None, :],
+            mask=(cnt > 0)[:, None] & cmask[None, :],
+            other=0.0,
+            eviction_policy=TAB_EVICT,
+        ).to(tl.float32)  # (RB, BLOCK_D)
+    acc = tl.zeros([RB, BLOCK_D], dtype=tl.float32)
+    for j in range(0, tl.max(cnt, axis=0)):
+        jm = j < cnt  # (RB,)
+        pos = tl.load(perm_ptr + start + j, mask=jm, other=0)  # (RB,) flat bag*K + k
+        bag = pos // K
+        g = tl.load(gout_ptr + bag[:, None] * D + cols[None, :], mask=jm[:, None] & cmask[None, :], other=0.0).to(
+            tl.float32
+        )  # (RB, BLOCK_D)
+        wj = tl.load(w_ptr + pos, mask=jm, other=0.0).to(tl.float32)  # (RB,)
+        acc += g * wj[:, None]
+        if NEED_GW:
+            tl.store(gw_ptr + pd * L + pos, tl.sum(g * trow, axis=1), mask=jm)
+    tl.store(
+        out_ptr + segs64[:, None] * D + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=light[:, None] & cmask[None, :],
+        eviction_policy=TAB_EVICT,
+    )
+
+
+@triton.jit
 def _sum_chunks_kernel(part_ptr, off_ptr, dst_ptr, out_ptr, D, BLOCK_D: tl.constexpr):
     """out[dst[h]] = sum of the fp32 chunk partials part[off[h]:off[h+1]] in order (heavy rows)."""
     h = tl.program_id(0).to(tl.int64)
@@ -178,6 +236,7 @@ CONFIG = dict(
     fwd_tile_bytes=16384,  # gathered bytes per K tile of a forward program
     fwd_warps=2,
     bwd_block_j=1,  # occurrences of a row handled per step of the segmented backward
+    bwd_rows_per_prog=1,  # > 1: table rows per program of the segmented backward (_bwd_multirow_kernel)
     bwd_warps=4,
     bwd_eager_row=True,  # dense backward: read the table row before its offsets are known (hides one latency)
     bwd_cap=64,  # rows read more often than this go through the chunked pass
@@ -265,7 +324,7 @@ def _heavy_rows(table, go, w, perm, seg_rows, seg_off, gtab, gw_part, k, big_l, 
     n_dt = triton.cdiv(d, common["BLOCK_D"])
     _bwd_rows_kernel[(n_q, n_dt)](
         table, go, w, perm, q_row, q_start, q_end, part, gw_part, k, d, big_l, table.stride(0), cap,
-        ROW_IS_SEG=False, EAGER_ROW=False, BLOCK_J=CONFIG["chunk_block_j"], **common,
+        ROW_IS_SEG=False, EAGER_ROW=False, BLOCK_J=CONFIG["chunk_block_j"], NEED_GT=True, **common,
     )  # fmt: skip
     _sum_chunks_kernel[(heavy.numel(), n_dt)](part, ch_off, heavy, gtab, d, BLOCK_D=common["BLOCK_D"])
 
@@ -352,17 +411,24 @@ def lookup_backward(
         gtab = torch.empty(n_seg, d, device=dev, dtype=table.dtype)  # (N or U, D)
         cap = CONFIG["bwd_cap"]
         common = dict(
-            NEED_GT=True,
             NEED_GW=need_weights,
             BLOCK_D=bd,
             TAB_EVICT=CONFIG["bwd_table_evict"],
             num_warps=CONFIG["bwd_warps"],
         )
-        _bwd_rows_kernel[(n_seg, n_dt)](
-            table, go, w, perm, seg_rows, seg_off[:-1], seg_off[1:], gtab, gw_part, k, d, big_l, table.stride(0),
-            cap, ROW_IS_SEG=mode == "dense", EAGER_ROW=mode == "dense" and CONFIG["bwd_eager_row"],
-            BLOCK_J=CONFIG["bwd_block_j"], **common,
-        )  # fmt: skip
+        eager = mode == "dense" and CONFIG["bwd_eager_row"]
+        rb = CONFIG["bwd_rows_per_prog"]
+        if rb > 1:
+            _bwd_multirow_kernel[(triton.cdiv(n_seg, rb), n_dt)](
+                table, go, w, perm, seg_rows, seg_off, gtab, gw_part, n_seg, k, d, big_l, table.stride(0), cap,
+                ROW_IS_SEG=mode == "dense", EAGER_ROW=eager, RB=rb, **common,
+            )  # fmt: skip
+        else:
+            _bwd_rows_kernel[(n_seg, n_dt)](
+                table, go, w, perm, seg_rows, seg_off[:-1], seg_off[1:], gtab, gw_part, k, d, big_l,
+                table.stride(0), cap, ROW_IS_SEG=mode == "dense", EAGER_ROW=eager, BLOCK_J=CONFIG["bwd_block_j"],
+                NEED_GT=True, **common,
+            )  # fmt: skip
         _heavy_rows(table, go, w, perm, seg_rows, seg_off, gtab, gw_part, k, big_l, mode == "dense", common)
     if need_weights:
         gw_flat = gw_part[0] if n_dt == 1 else gw_part.sum(0)  # (L,) fixed-order sum over column tiles

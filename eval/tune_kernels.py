@@ -1,0 +1,142 @@
+"""Sweep the launch settings of the Triton kernels (``kernels.lookup.CONFIG``, ``kernels.topk.CONFIG``) on this GPU.
+
+For each setting: check the result against the current defaults (bitwise for the value lookup: every setting sums in
+the same order; exact for the top-k), then time it. Prints one table per kernel with the fastest setting first;
+the defaults in the two CONFIG dicts were chosen with this script on one H100. Needs CUDA and Triton.
+
+    python eval/tune_kernels.py                      # reference sizes: 1M x 1024 bf16 table, 16k tokens x 4 x 32
+    python eval/tune_kernels.py --tokens 4096 --out runs/tune.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# run as a script, eval/ is sys.path[0]: keep sibling scripts (e.g. eval/inspect.py) from shadowing stdlib modules
+sys.path[:] = [q for q in sys.path if os.path.abspath(q or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _sweep(config: dict, grid: dict[str, list], run: Callable[[], object], same: Callable[[object, object], bool]):
+    """Time ``run`` under every combination of ``grid`` (patched into ``config``); rows sorted by time."""
+    defaults = dict(config)
+    ref = run()
+    rows = []
+    for values in itertools.product(*grid.values()):
+        setting = dict(zip(grid, values))
+        config.update(setting)
+        try:
+            ok = same(run(), ref)
+            ms = _bench(run)
+        except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory) is reported, not fatal
+            ok, ms = f"error: {type(e).__name__}", float("nan")
+        finally:
+            config.clear()
+            config.update(defaults)
+        rows.append(dict(setting=setting, ms=ms, matches_default=ok))
+    return sorted(rows, key=lambda r: (r["ms"] != r["ms"], r["ms"]))
+
+
+def _print(title: str, rows: list[dict], defaults: dict) -> None:
+    print(f"\n{title}")
+    for r in rows:
+        mark = "  <- default" if all(defaults[k] == v for k, v in r["setting"].items()) else ""
+        print(f"  {r['ms']:8.3f} ms  matches default: {r['matches_default']!s:5}  {r['setting']}{mark}")
+
+
+def tune_lookup(args: argparse.Namespace) -> dict:
+    from memlm.model.memory.kernels import lookup
+
+    torch.manual_seed(0)
+    n, d, m, kk = args.rows, args.dim, args.tokens, args.heads * args.knn
+    table = (torch.randn(n, d, device="cuda") * d**-0.5).to(torch.bfloat16)  # (N, D)
+    idx = torch.randint(0, n, (m, kk), device="cuda")  # (T, H*K)
+    w = torch.softmax(torch.randn(m, kk, device="cuda"), dim=-1)  # (T, H*K)
+    gout = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)  # (T, D)
+    grid = dict(bwd_rows_per_prog=[1, 2, 4, 8], bwd_warps=[2, 4, 8], bwd_eager_row=[True, False])
+    out = {}
+    for mode in ("dense", "sparse"):
+
+        def run(mode=mode):
+            return lookup.lookup_backward(table, idx, w, gout, mode=mode)
+
+        def same(a, b):
+            return all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a, b))
+
+        rows = _sweep(lookup.CONFIG, grid, run, same)
+        _print(f"lookup backward ({mode} grad), {n} x {d} bf16, {m} bags x {kk}", rows, lookup.CONFIG)
+        out[mode] = rows
+    return out
+
+
+def tune_topk(args: argparse.Namespace) -> dict:
+    from memlm.model.memory.kernels import topk
+
+    torch.manual_seed(0)
+    n, m, h, knn = args.n_keys, args.tokens, args.heads, args.knn
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        s = torch.randn(h, 2, m, n, device="cuda").to(dtype).permute(2, 0, 1, 3)  # (T, H, 2, N), bmm output layout
+        rows = _sweep(
+            topk.CONFIG,
+            dict(fwd_rows=[1, 2, 4], fwd_warps=[1, 2, 4, 8]),
+            lambda s=s: topk.topk_forward(s, knn),
+            lambda a, b: torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]),
+        )
+        _print(f"top-k forward, {dtype}, {m} x {h} rows, n_keys {n}, top-{knn}", rows, topk.CONFIG)
+        out[f"fwd_{dtype}"] = rows
+    s = torch.randn(h, 2, m, n, device="cuda").to(torch.bfloat16).permute(2, 0, 1, 3)
+    _, idx = topk.topk_forward(s, knn)
+    g = torch.randn(m, h, knn, device="cuda")
+    rows = _sweep(
+        topk.CONFIG,
+        dict(bwd_cols=[128, 256, 512, 1024], bwd_warps=[2, 4, 8]),
+        lambda: topk.topk_backward(g, idx, s),
+        torch.equal,
+    )
+    _print(f"top-k backward, bf16 scores, {m} x {h} rows, n_keys {n}", rows, topk.CONFIG)
+    out["bwd"] = rows
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernels", default="topk,lookup", help="comma-separated subset of topk,lookup")
+    p.add_argument("--rows", type=int, default=2**20, help="value-table rows")
+    p.add_argument("--dim", type=int, default=1024, help="value dim")
+    p.add_argument("--n_keys", type=int, default=1024, help="sub-keys per half")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--knn", type=int, default=32)
+    p.add_argument("--out", type=Path, default=None, help="write all rows as JSON here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (the kernels are tuned where they run)")
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
+    res = {}
+    for name in args.kernels.split(","):
+        res[name] = {"topk": tune_topk, "lookup": tune_lookup}[name.strip()](args)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    main()

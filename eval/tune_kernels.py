@@ -6,6 +6,7 @@ the defaults in the two CONFIG dicts were chosen with this script on one H100. N
 
     python eval/tune_kernels.py                      # reference sizes: 1M x 1024 bf16 table, 16k tokens x 4 x 32
     python eval/tune_kernels.py --tokens 4096 --out runs/tune.json
+    python eval/tune_kernels.py --speed "--out runs/speed.json"   # then eval/speed.py with the fastest settings
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ sys.path[:] = [q for q in sys.path if os.path.abspath(q or ".") != os.path.dirna
 import argparse  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
+import runpy  # noqa: E402
+import shlex  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -69,7 +72,7 @@ def tune_lookup(args: argparse.Namespace) -> dict:
     idx = torch.randint(0, n, (m, kk), device="cuda")  # (T, H*K)
     w = torch.softmax(torch.randn(m, kk, device="cuda"), dim=-1)  # (T, H*K)
     gout = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)  # (T, D)
-    grid = dict(bwd_rows_per_prog=[1, 2, 4, 8], bwd_warps=[2, 4, 8], bwd_eager_row=[True, False])
+    grid = dict(bwd_rows_per_prog=[1, 2, 4, 8], bwd_warps=[2, 4, 8])
     out = {}
     for mode in ("dense", "sparse"):
 
@@ -91,7 +94,7 @@ def tune_topk(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     n, m, h, knn = args.n_keys, args.tokens, args.heads, args.knn
     out = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16,):  # what the training step sees under bf16 autocast
         s = torch.randn(h, 2, m, n, device="cuda").to(dtype).permute(2, 0, 1, 3)  # (T, H, 2, N), bmm output layout
         rows = _sweep(
             topk.CONFIG,
@@ -106,7 +109,7 @@ def tune_topk(args: argparse.Namespace) -> dict:
     g = torch.randn(m, h, knn, device="cuda")
     rows = _sweep(
         topk.CONFIG,
-        dict(bwd_cols=[128, 256, 512, 1024], bwd_warps=[2, 4, 8]),
+        dict(bwd_rows=[1, 2, 4, 8], bwd_warps=[1, 2, 4]),
         lambda: topk.topk_backward(g, idx, s),
         torch.equal,
     )
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--knn", type=int, default=32)
     p.add_argument("--out", type=Path, default=None, help="write all rows as JSON here")
+    p.add_argument("--speed", default=None, help="then run eval/speed.py with these arguments, in this process, "
+                   "with the fastest settings that match the defaults' results applied")  # fmt: skip
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (the kernels are tuned where they run)")
@@ -135,7 +140,24 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1, default=str))
+    if args.speed is not None:
+        apply_fastest(res)
+        sys.argv = ["eval/speed.py", *shlex.split(args.speed)]
+        runpy.run_path(str(Path(__file__).with_name("speed.py")), run_name="__main__")
     return res
+
+
+def apply_fastest(res: dict) -> None:
+    """Patch the kernels' CONFIG with the fastest correct setting of each sweep (dense lookup grad, bf16 top-k)."""
+    from memlm.model.memory.kernels import lookup, topk
+
+    picks = [(lookup.CONFIG, res.get("lookup", {}).get("dense"))]
+    picks += [(topk.CONFIG, res.get("topk", {}).get(key)) for key in ("fwd_torch.bfloat16", "bwd")]
+    for config, rows in picks:
+        good = [r for r in rows or [] if r["matches_default"] is True]
+        if good:
+            config.update(good[0]["setting"])
+    print(f"\napplied: lookup {lookup.CONFIG}\n         topk {topk.CONFIG}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ gathers and an (R, knn, knn) intermediate. Two savings over the textbook knn x k
   the slot id ``i * n_keys + j``: exact, where the PyTorch path rounds the sums to the scores' dtype first.
 
 Backward: scores = s1[i] + s2[j], so grad_s1[row, i] = sum of the grads of the selected slots with first sub-key i
-(same for s2). One program per row writes both halves' full gradient rows (zeros included) in column chunks, each
-column summing its matches in a fixed order (deterministic, no atomics), in the memory layout of ``s``.
+(same for s2): a zero-filled gradient (in the memory layout of ``s``, so the score matmul's backward needs no copy),
+then a scatter of each row's knn sums per half, duplicates summed in a fixed order (deterministic, no atomics).
 
 Constraints (callers fall back to PyTorch otherwise): knn a power of two, knn <= n_keys <= 32768.
 """
@@ -93,11 +93,11 @@ def _half_top(p, mask, cols, KNN: tl.constexpr, KEY16: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    s_ptr, pair_ptr, score_ptr, idx_ptr, R, H, N, stride_t, stride_h, stride_half,
+    s_ptr, pair_ptr, scratch_ptr, score_ptr, idx_ptr, R, H, N, stride_t, stride_h, stride_half,
     KNN: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, KEY16: tl.constexpr,
 ):  # fmt: skip
     """s: (T, H, 2, N) strided scores (last stride 1); pairs: (2, P) ranks (a, b) of the pruned grid, padded with
-    a = -1; out: scores (R, KNN) fp32, slot ids (R, KNN) int64, R = T*H."""
+    a = -1; scratch: (R, 4, KNN) int32; out: scores (R, KNN) fp32, slot ids (R, KNN) int64, R = T*H."""
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) flat (t, h) rows
     rmask = r < R
     t, h = (r // H).to(tl.int64), (r % H).to(tl.int64)
@@ -107,13 +107,24 @@ def _fwd_kernel(
     p1 = s_ptr + base[:, None] + cols[None, :]  # (ROWS, BLOCK_N)
     v1, i1 = _half_top(p1, m2, cols, KNN, KEY16)  # (ROWS, KNN) sorted descending
     v2, i2 = _half_top(p1 + stride_half, m2, cols, KNN, KEY16)
-    pa = tl.load(pair_ptr + tl.arange(0, P))  # (P,) rank in half 1 (-1: padding)
-    pb = tl.load(pair_ptr + P + tl.arange(0, P))  # (P,) rank in half 2
-    ga = tl.broadcast_to(tl.maximum(pa, 0)[None, :], [ROWS, P])
-    gb = tl.broadcast_to(pb[None, :], [ROWS, P])
-    cand = tl.gather(v1, ga, 1) + tl.gather(v2, gb, 1)  # (ROWS, P) fp32 sums of the pruned pairs
-    cand = tl.where((pa >= 0)[None, :], cand, -float("inf"))
-    slot = tl.gather(i1, ga, 1) * N + tl.gather(i2, gb, 1)  # (ROWS, P) slot ids
+    # the pruned grid's pairs read v1[a], v2[b] back through a small scratch row (L2-resident; tl.gather does not
+    # compile for these layouts on Triton 3.6)
+    ks = tl.arange(0, KNN)[None, :]
+    sp = scratch_ptr + r.to(tl.int64)[:, None] * (4 * KNN)  # (ROWS, 1) this row's scratch
+    tl.store(sp + ks, v1.to(tl.int32, bitcast=True), mask=rmask[:, None])
+    tl.store(sp + KNN + ks, i1, mask=rmask[:, None])
+    tl.store(sp + 2 * KNN + ks, v2.to(tl.int32, bitcast=True), mask=rmask[:, None])
+    tl.store(sp + 3 * KNN + ks, i2, mask=rmask[:, None])
+    tl.debug_barrier()  # the stores above are read below by other threads of this program
+    pa = tl.load(pair_ptr + tl.arange(0, P))[None, :]  # (1, P) rank in half 1 (-1: padding)
+    pb = tl.load(pair_ptr + P + tl.arange(0, P))[None, :]  # (1, P) rank in half 2
+    pm = rmask[:, None] & (pa >= 0)  # (ROWS, P)
+    a, b = tl.maximum(pa, 0), pb
+    cand = tl.load(sp + a, mask=pm, other=0).to(tl.float32, bitcast=True) + tl.load(
+        sp + 2 * KNN + b, mask=pm, other=0
+    ).to(tl.float32, bitcast=True)  # (ROWS, P) fp32 sums of the pruned pairs
+    cand = tl.where(pm, cand, -float("inf"))
+    slot = tl.load(sp + KNN + a, mask=pm, other=0) * N + tl.load(sp + 3 * KNN + b, mask=pm, other=0)  # (ROWS, P)
     best_score, best_slot = _unpack(_top(_pack(cand, slot), KNN), False)  # (ROWS, KNN)
     out = r.to(tl.int64)[:, None] * KNN + tl.arange(0, KNN)[None, :]  # (ROWS, KNN)
     om = rmask[:, None]
@@ -123,32 +134,35 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    g_ptr, idx_ptr, gs_ptr, H, N, stride_t, stride_h, stride_half,
-    KNN: tl.constexpr, BLOCK_C: tl.constexpr,
+    g_ptr, idx_ptr, gs_ptr, R, H, N, stride_t, stride_h, stride_half, KNN: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
-    """grad of the scores s (T, H, 2, N) (written with s's strides) from the slot grads g (R, KNN) and slot ids."""
-    r = tl.program_id(0).to(tl.int64)
-    ks = r * KNN + tl.arange(0, KNN)  # (KNN,)
-    g = tl.load(g_ptr + ks).to(tl.float32)  # (KNN,)
-    slot = tl.load(idx_ptr + ks)  # (KNN,)
+    """Scatter the slot grads g (R, KNN) into the zero-filled gradient of the scores s (T, H, 2, N) (s's strides).
+
+    Each selected slot writes, at its sub-key's column, the sum of the grads of all selected slots sharing that
+    sub-key (a KNN x KNN match in a fixed order), so duplicate columns receive identical values: deterministic
+    without atomics."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    rmask = r < R
+    r64 = r.to(tl.int64)
+    ks = r64[:, None] * KNN + tl.arange(0, KNN)[None, :]  # (ROWS, KNN)
+    g = tl.load(g_ptr + ks, mask=rmask[:, None], other=0.0).to(tl.float32)  # (ROWS, KNN)
+    slot = tl.load(idx_ptr + ks, mask=rmask[:, None], other=0)  # (ROWS, KNN)
     i1, i2 = slot // N, slot % N
-    base = gs_ptr + (r // H) * stride_t + (r % H) * stride_h
-    for c0 in range(0, N, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-        cmask = cols < N
-        g1 = tl.sum(tl.where(i1[:, None] == cols[None, :], g[:, None], 0.0), axis=0)  # (BLOCK_C,) fixed order
-        g2 = tl.sum(tl.where(i2[:, None] == cols[None, :], g[:, None], 0.0), axis=0)
-        tl.store(base + cols, g1.to(gs_ptr.dtype.element_ty), mask=cmask)
-        tl.store(base + stride_half + cols, g2.to(gs_ptr.dtype.element_ty), mask=cmask)
+    g1 = tl.sum(tl.where(i1[:, :, None] == i1[:, None, :], g[:, None, :], 0.0), axis=2)  # (ROWS, KNN)
+    g2 = tl.sum(tl.where(i2[:, :, None] == i2[:, None, :], g[:, None, :], 0.0), axis=2)
+    base = gs_ptr + (r64 // H) * stride_t + (r64 % H) * stride_h  # (ROWS,)
+    dt = gs_ptr.dtype.element_ty
+    tl.store(base[:, None] + i1, g1.to(dt), mask=rmask[:, None])
+    tl.store(base[:, None] + stride_half + i2, g2.to(dt), mask=rmask[:, None])
 
 
-# rows per program, warps, backward column chunk: fixed (no autotuning), chosen on one H100 for n_keys 1024, knn 32
-CONFIG = dict(fwd_rows=1, fwd_warps=4, bwd_cols=256, bwd_warps=4)
+# rows per program and warps: fixed (no autotuning), chosen on one H100 for n_keys 1024, knn 32
+CONFIG = dict(fwd_rows=1, fwd_warps=1, bwd_rows=4, bwd_warps=4)
 
 
 def supported(n_keys: int, knn: int) -> bool:
     """Whether the fused kernels handle this size (else use the PyTorch path)."""
-    return 0 < knn <= n_keys <= 32768 and knn & (knn - 1) == 0 and hasattr(tl, "gather")
+    return 0 < knn <= n_keys <= 32768 and knn & (knn - 1) == 0
 
 
 @functools.cache
@@ -178,9 +192,10 @@ def topk_forward(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]
     if r == 0:
         return scores, idx
     pairs = _pairs(knn, s.device)
+    scratch = torch.empty(r, 4, knn, device=s.device, dtype=torch.int32)
     rows = CONFIG["fwd_rows"]
     _fwd_kernel[(triton.cdiv(r, rows),)](
-        s4, pairs, scores, idx, r, h, n, s4.stride(0), s4.stride(1), s4.stride(2),
+        s4, pairs, scratch, scores, idx, r, h, n, s4.stride(0), s4.stride(1), s4.stride(2),
         KNN=knn, P=pairs.shape[1], BLOCK_N=triton.next_power_of_2(n), ROWS=rows, KEY16=s.dtype == torch.bfloat16,
         num_warps=CONFIG["fwd_warps"],
     )  # fmt: skip
@@ -191,18 +206,19 @@ def topk_backward(grad_scores: torch.Tensor, idx: torch.Tensor, like: torch.Tens
     """grad (..., H, knn), slot ids (..., H, knn) -> grad of s (..., H, 2, n) with the dtype and, where possible, the
     strides of ``like`` (s itself), so the score matmul's backward needs no layout copy."""
     knn = idx.shape[-1]
-    gs = torch.empty_like(like, device=idx.device)  # keeps s's (possibly permuted) dense layout
+    gs = torch.zeros_like(like, device=idx.device)  # keeps s's (possibly permuted) dense layout
     g4 = _as_4d(gs)
     if g4.data_ptr() != gs.data_ptr():  # that layout does not flatten to (T, H, 2, N): use a contiguous buffer
-        gs = torch.empty(like.shape, device=idx.device, dtype=like.dtype)
+        gs = torch.zeros(like.shape, device=idx.device, dtype=like.dtype)
         g4 = _as_4d(gs)
     h, n = g4.shape[1], g4.shape[3]
     r = g4.shape[0] * h
     if r == 0:
         return gs
-    _bwd_kernel[(r,)](
-        grad_scores.contiguous(), idx.contiguous(), g4, h, n, g4.stride(0), g4.stride(1), g4.stride(2),
-        KNN=knn, BLOCK_C=min(CONFIG["bwd_cols"], triton.next_power_of_2(n)), num_warps=CONFIG["bwd_warps"],
+    rows = CONFIG["bwd_rows"]
+    _bwd_kernel[(triton.cdiv(r, rows),)](
+        grad_scores.contiguous(), idx.contiguous(), g4, r, h, n, g4.stride(0), g4.stride(1), g4.stride(2),
+        KNN=knn, ROWS=rows, num_warps=CONFIG["bwd_warps"],
     )  # fmt: skip
     return gs
 

@@ -82,6 +82,19 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, ite
     return statistics.median(times)
 
 
+def throughput_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Mean time per call of ``iters`` back-to-back calls with one sync at the end: the host queues work ahead of the
+    device, as in training, so launch overhead overlaps device work instead of adding to it."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """Device copy bandwidth in bytes/s: (read + write) bytes of ``y.copy_(x)`` / time."""
     x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
@@ -326,16 +339,23 @@ def section_tokens_per_s(args: argparse.Namespace, device: torch.device, bandwid
         info[name] = dict(total_params=pc["total"], active_params=pc["active"], flops_per_token=flops_per_token(c))
     cases = [("dense", dense_cfg, "adamw"), ("memory_plus", mem_cfg, "adamw"),
              ("memory_plus", mem_cfg, "row_sparse_adam")]  # fmt: skip
-    rows, lines = [], []
+    lines = []
     it = dict(warmup=args.warmup, iters=args.iters)
-    for name, c, opt in cases:
-        step = _TrainStep(c, opt, device, batch, seq)
-        fb = time_ms(step.forward_backward, device, **it)
-        ms = time_ms(step, device, **it)
+    steps = [_TrainStep(c, opt, device, batch, seq) for _, c, opt in cases]
+    fb_ms, step_ms = [[] for _ in cases], [[] for _ in cases]
+    for _ in range(args.rounds):  # cases interleaved round by round: slow drifts of the machine hit all of them
+        for i, step in enumerate(steps):
+            fb_ms[i].append(throughput_ms(step.forward_backward, device, **it))
+            step_ms[i].append(throughput_ms(step, device, **it))
+    rows = []
+    for (name, _, opt), step, fb, ms in zip(cases, steps, fb_ms, step_ms):
         if args.profile:
             profile_kernels(step, device, f"(b) training step, {name}, {opt}")
+        ms_med = statistics.median(ms)
+        rows.append(dict(model=name, value_optimizer=opt, step_ms=ms_med, fwd_bwd_ms=statistics.median(fb),
+                         tokens_per_s=tokens / ms_med * 1e3, step_ms_rounds=ms))  # fmt: skip
+    for step in steps:
         step.close()
-        rows.append(dict(model=name, value_optimizer=opt, step_ms=ms, fwd_bwd_ms=fb, tokens_per_s=tokens / ms * 1e3))
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs_dense"] = r["tokens_per_s"] / base
@@ -363,7 +383,7 @@ def section_slot_scaling(args: argparse.Namespace, device: torch.device, bandwid
         cfg = _with_memory(base, n_keys=n)
         for opt in ("adamw", "row_sparse_adam"):
             step = _TrainStep(cfg, opt, device, batch, seq)
-            ms = time_ms(step, device, **it)
+            ms = throughput_ms(step, device, **it)
             rows.append(dict(slots=n * n, value_optimizer=opt, step_ms=ms, unique_rows=step.unique_rows()))
             step.close()
     first = {r["value_optimizer"]: r["step_ms"] for r in rows if r["slots"] == n_keys[0] ** 2}
@@ -550,6 +570,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 with --quick, else torch's)")
     p.add_argument("--profile", action="store_true", help="(a), (b), (e): print the top device kernels of each case")
     p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=3, help="(b) interleaved timing rounds per case (median reported)")
     p.add_argument("--warmup", type=int, default=None)
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]

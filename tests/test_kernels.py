@@ -102,10 +102,11 @@ def test_forward_matches_reference(kern, shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backward_matches_reference(kern, monkeypatch, shape, dtype, mode):
     mod, dev = kern
-    if mode.endswith("-multirow"):  # several table rows per program, with eager and lazy row reads
+    if mode.endswith("-multirow"):
         mode = mode.split("-")[0]
-        monkeypatch.setitem(mod.CONFIG, "bwd_rows_per_prog", 4)
-        monkeypatch.setitem(mod.CONFIG, "bwd_eager_row", shape[0] % 2 == 0)
+        monkeypatch.setitem(mod.CONFIG, "bwd_group", 4)  # several rows per program, occurrences 2 or 4 at a time
+        monkeypatch.setitem(mod.CONFIG, "bwd_group_j", 2 + 2 * (shape[0] % 2))
+        monkeypatch.setitem(mod.CONFIG, "bwd_group_block_d", 32)
     n, d = shape[:2]
     table, idx, w, gout = _inputs(*shape, dtype, dev)
     rows, gtab, gw = mod.lookup_backward(table, idx, w, gout, mode=mode)
@@ -170,7 +171,8 @@ def test_heavy_rows_chunked_pass(kern, monkeypatch, mode, dtype, rows_per_prog):
     one or several table rows per program of the segmented backward)."""
     mod, dev = kern
     monkeypatch.setitem(mod.CONFIG, "bwd_cap", 3)
-    monkeypatch.setitem(mod.CONFIG, "bwd_rows_per_prog", rows_per_prog)
+    monkeypatch.setitem(mod.CONFIG, "bwd_group", rows_per_prog)
+    monkeypatch.setitem(mod.CONFIG, "bwd_group_j", 4)
     table, idx, w, gout = _inputs(7, 100, (30,), 6, dtype, dev, seed=4)
     idx[:5, :] = 2  # one hot row next to rows just over the cap
     n, d = table.shape

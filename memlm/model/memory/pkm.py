@@ -43,7 +43,11 @@ class QueryNet(nn.Module):
         if self.norm_kind == "batchnorm":
             q = self.norm(q.reshape(-1, q.shape[-1])).view_as(q)  # statistics over all B*T tokens
             return q.unflatten(-1, (self.heads, self.k_dim))
-        return self.norm(q.unflatten(-1, (self.heads, self.k_dim)))  # (..., heads, k_dim)
+        q = q.unflatten(-1, (self.heads, self.k_dim))  # (..., heads, k_dim)
+        if self.norm_kind == "rmsnorm" and q.dtype != self.norm.weight.dtype:
+            # under autocast: gain in the activations' dtype, so PyTorch's fused kernel runs instead of ~6 unfused ops
+            return F.rms_norm(q, (self.k_dim,), self.norm.weight.to(q.dtype), self.norm.eps)
+        return self.norm(q)
 
 
 class ProductKeyMemory(MemoryLayer):

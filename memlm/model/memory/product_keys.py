@@ -100,9 +100,14 @@ class ProductKeys(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
-        """query (..., heads, k_dim) -> (..., heads, 2, n_keys): both halves' scores, computed in fp32 (the einsum
-        runs in the autocast dtype under autocast)."""
-        q = query.float().unflatten(-1, (2, self.half))  # (..., heads, 2, half)
+        """query (..., heads, k_dim) -> (..., heads, 2, n_keys): both halves' scores, in fp32 outside autocast.
+
+        Under autocast the einsum runs in the autocast dtype, so the query is normalized in its own (autocast) dtype
+        rather than upcast first (rms_norm accumulates in fp32 either way); the sub-keys stay fp32 parameters.
+        """
+        q = query.unflatten(-1, (2, self.half))  # (..., heads, 2, half)
+        if not torch.is_autocast_enabled(q.device.type):
+            q = q.float()
         keys = self.weight.float()  # (heads, 2, n_keys, half)
         if self.qk_norm:  # the 1/sqrt(half) scale goes on the (small) query, not on the (large) scores
             q, keys = _rms(q) / math.sqrt(self.half), _rms(keys)

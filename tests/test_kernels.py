@@ -97,16 +97,11 @@ def test_forward_matches_reference(kern, shape, dtype):
     torch.testing.assert_close(out.cpu().double(), ref, **_tol(dtype))
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse", "atomic", "dense-multirow", "sparse-multirow"])
+@pytest.mark.parametrize("mode", ["dense", "sparse", "atomic"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_backward_matches_reference(kern, monkeypatch, shape, dtype, mode):
+def test_backward_matches_reference(kern, shape, dtype, mode):
     mod, dev = kern
-    if mode.endswith("-multirow"):
-        mode = mode.split("-")[0]
-        monkeypatch.setitem(mod.CONFIG, "bwd_group", 4)  # several rows per program, occurrences 2 or 4 at a time
-        monkeypatch.setitem(mod.CONFIG, "bwd_group_j", 2 + 2 * (shape[0] % 2))
-        monkeypatch.setitem(mod.CONFIG, "bwd_group_block_d", 32)
     n, d = shape[:2]
     table, idx, w, gout = _inputs(*shape, dtype, dev)
     rows, gtab, gw = mod.lookup_backward(table, idx, w, gout, mode=mode)
@@ -163,16 +158,12 @@ def test_deterministic_bitwise(kern, mode):
     assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][2], grads[1][2])
 
 
-@pytest.mark.parametrize("rows_per_prog", [1, 4])
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_heavy_rows_chunked_pass(kern, monkeypatch, mode, dtype, rows_per_prog):
-    """Rows read more than CONFIG['bwd_cap'] times take the chunked path; same result, still deterministic (with
-    one or several table rows per program of the segmented backward)."""
+def test_heavy_rows_chunked_pass(kern, monkeypatch, mode, dtype):
+    """Rows read more than CONFIG['bwd_cap'] times take the chunked path; same result, still deterministic."""
     mod, dev = kern
     monkeypatch.setitem(mod.CONFIG, "bwd_cap", 3)
-    monkeypatch.setitem(mod.CONFIG, "bwd_group", rows_per_prog)
-    monkeypatch.setitem(mod.CONFIG, "bwd_group_j", 4)
     table, idx, w, gout = _inputs(7, 100, (30,), 6, dtype, dev, seed=4)
     idx[:5, :] = 2  # one hot row next to rows just over the cap
     n, d = table.shape

@@ -111,62 +111,6 @@ def _bwd_rows_kernel(
 
 
 @triton.jit
-def _bwd_group_kernel(
-    table_ptr, gout_ptr, w_ptr, perm_ptr, seg_row_ptr, seg_off_ptr, out_ptr, gw_ptr,
-    S, K, D, L, stride_t, CAP,
-    ROW_IS_SEG: tl.constexpr, NEED_GW: tl.constexpr,
-    RB: tl.constexpr, BJ: tl.constexpr, BLOCK_D: tl.constexpr, TAB_EVICT: tl.constexpr,
-):  # fmt: skip
-    """The segmented backward for RB segments per program, their occurrences BJ at a time.
-
-    Where :func:`_bwd_rows_kernel` walks one row's occurrences one after the other (a chain of dependent loads per
-    occurrence), this loads the occurrences of RB rows together - positions, then BJ grad_out rows at once - and
-    routes each to its row with a (RB, BJ) one-hot mask. Segments longer than CAP are skipped (the chunked pass
-    handles them). Deterministic: a fixed summation order per row (not the same order as _bwd_rows_kernel).
-    """
-    segs = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)  # (RB,)
-    smask = segs < S
-    pd = tl.program_id(1)
-    cols = pd * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    cmask = cols < D
-    if ROW_IS_SEG:
-        rows = segs
-    else:
-        rows = tl.load(seg_row_ptr + segs, mask=smask, other=0).to(tl.int64)
-    m2 = smask[:, None] & cmask[None, :]
-    if NEED_GW:  # read before the offsets are known (dense mode: may read untouched rows)
-        trow = tl.load(table_ptr + rows[:, None] * stride_t + cols[None, :], mask=m2, other=0.0,
-                       eviction_policy=TAB_EVICT).to(tl.float32)  # (RB, BLOCK_D)  # fmt: skip
-    start = tl.load(seg_off_ptr + segs, mask=smask, other=0)  # (RB,)
-    cnt = tl.load(seg_off_ptr + segs + 1, mask=smask, other=0) - start
-    light = smask & (cnt <= CAP)
-    cnt = tl.where(light, cnt, 0)
-    cum = tl.cumsum(cnt, 0)  # (RB,) end of each row's occurrences in this program's flat list
-    first = cum - cnt
-    total = tl.sum(cnt, 0)
-    acc = tl.zeros([RB, BLOCK_D], dtype=tl.float32)
-    for f0 in range(0, total, BJ):
-        f = f0 + tl.arange(0, BJ)  # (BJ,) flat occurrence numbers
-        own = (first[:, None] <= f[None, :]) & (f[None, :] < cum[:, None])  # (RB, BJ) one-hot: f's row
-        fm = f < total
-        j = f + tl.sum(tl.where(own, (start - first)[:, None], 0), 0)  # (BJ,) positions in the sorted order
-        pos = tl.load(perm_ptr + j, mask=fm, other=0)  # (BJ,) flat bag*K + k
-        g = tl.load(
-            gout_ptr + (pos // K)[:, None] * D + cols[None, :], mask=fm[:, None] & cmask[None, :], other=0.0
-        ).to(tl.float32)  # (BJ, BLOCK_D)
-        wj = tl.load(w_ptr + pos, mask=fm, other=0.0).to(tl.float32)  # (BJ,)
-        own3 = own[:, :, None]  # (RB, BJ, 1)
-        acc += tl.sum(tl.where(own3, (g * wj[:, None])[None, :, :], 0.0), 1)  # (RB, BLOCK_D)
-        if NEED_GW:
-            tj = tl.sum(tl.where(own3, trow[:, None, :], 0.0), 0)  # (BJ, BLOCK_D) each occurrence's table row
-            tl.store(gw_ptr + pd * L + pos, tl.sum(g * tj, 1), mask=fm)
-    tl.store(
-        out_ptr + segs[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-        mask=light[:, None] & cmask[None, :], eviction_policy=TAB_EVICT,
-    )  # fmt: skip
-
-
-@triton.jit
 def _sum_chunks_kernel(part_ptr, off_ptr, dst_ptr, out_ptr, D, BLOCK_D: tl.constexpr):
     """out[dst[h]] = sum of the fp32 chunk partials part[off[h]:off[h+1]] in order (heavy rows)."""
     h = tl.program_id(0).to(tl.int64)
@@ -234,9 +178,6 @@ CONFIG = dict(
     fwd_tile_bytes=16384,  # gathered bytes per K tile of a forward program
     fwd_warps=2,
     bwd_block_j=1,  # occurrences of a row handled per step of the segmented backward
-    bwd_group=1,  # > 1: table rows per program of the segmented backward (_bwd_group_kernel)
-    bwd_group_j=8,  # occurrences loaded at once by _bwd_group_kernel
-    bwd_group_block_d=256,  # column tile of the whole backward when bwd_group > 1
     bwd_warps=4,
     bwd_eager_row=True,  # dense backward: read the table row before its offsets are known (hides one latency)
     bwd_cap=64,  # rows read more often than this go through the chunked pass
@@ -361,8 +302,7 @@ def lookup_backward(
     big_l = m * k
     go = grad_out.reshape(m, d).contiguous()  # (M, D)
     dev = table.device
-    group = CONFIG["bwd_group"] if mode in ("dense", "sparse") and need_table else 1
-    bd = _block_d(d, CONFIG["bwd_group_block_d"] if group > 1 else 1024)  # one column tiling for every pass
+    bd = _block_d(d)
     n_dt = triton.cdiv(d, bd)
     gw_part = torch.empty(n_dt if need_weights else 0, big_l, device=dev, dtype=torch.float32)  # (n_dt, L)
     rows = gtab = gw = None
@@ -418,17 +358,11 @@ def lookup_backward(
             num_warps=CONFIG["bwd_warps"],
         )
         eager = mode == "dense" and CONFIG["bwd_eager_row"]
-        if group > 1:
-            _bwd_group_kernel[(triton.cdiv(n_seg, group), n_dt)](
-                table, go, w, perm, seg_rows, seg_off, gtab, gw_part, n_seg, k, d, big_l, table.stride(0), cap,
-                ROW_IS_SEG=mode == "dense", RB=group, BJ=CONFIG["bwd_group_j"], **common,
-            )  # fmt: skip
-        else:
-            _bwd_rows_kernel[(n_seg, n_dt)](
-                table, go, w, perm, seg_rows, seg_off[:-1], seg_off[1:], gtab, gw_part, k, d, big_l,
-                table.stride(0), cap, ROW_IS_SEG=mode == "dense", EAGER_ROW=eager, BLOCK_J=CONFIG["bwd_block_j"],
-                NEED_GT=True, **common,
-            )  # fmt: skip
+        _bwd_rows_kernel[(n_seg, n_dt)](
+            table, go, w, perm, seg_rows, seg_off[:-1], seg_off[1:], gtab, gw_part, k, d, big_l,
+            table.stride(0), cap, ROW_IS_SEG=mode == "dense", EAGER_ROW=eager, BLOCK_J=CONFIG["bwd_block_j"],
+            NEED_GT=True, **common,
+        )  # fmt: skip
         _heavy_rows(table, go, w, perm, seg_rows, seg_off, gtab, gw_part, k, big_l, mode == "dense", common)
     if need_weights:
         gw_flat = gw_part[0] if n_dt == 1 else gw_part.sum(0)  # (L,) fixed-order sum over column tiles

@@ -265,7 +265,7 @@ def _heavy_rows(table, go, w, perm, seg_rows, seg_off, gtab, gw_part, k, big_l, 
     n_dt = triton.cdiv(d, common["BLOCK_D"])
     _bwd_rows_kernel[(n_q, n_dt)](
         table, go, w, perm, q_row, q_start, q_end, part, gw_part, k, d, big_l, table.stride(0), cap,
-        ROW_IS_SEG=False, EAGER_ROW=False, BLOCK_J=CONFIG["chunk_block_j"], NEED_GT=True, **common,
+        ROW_IS_SEG=False, EAGER_ROW=False, BLOCK_J=CONFIG["chunk_block_j"], **common,
     )  # fmt: skip
     _sum_chunks_kernel[(heavy.numel(), n_dt)](part, ch_off, heavy, gtab, d, BLOCK_D=common["BLOCK_D"])
 
@@ -352,16 +352,16 @@ def lookup_backward(
         gtab = torch.empty(n_seg, d, device=dev, dtype=table.dtype)  # (N or U, D)
         cap = CONFIG["bwd_cap"]
         common = dict(
+            NEED_GT=True,
             NEED_GW=need_weights,
             BLOCK_D=bd,
             TAB_EVICT=CONFIG["bwd_table_evict"],
             num_warps=CONFIG["bwd_warps"],
         )
-        eager = mode == "dense" and CONFIG["bwd_eager_row"]
         _bwd_rows_kernel[(n_seg, n_dt)](
-            table, go, w, perm, seg_rows, seg_off[:-1], seg_off[1:], gtab, gw_part, k, d, big_l,
-            table.stride(0), cap, ROW_IS_SEG=mode == "dense", EAGER_ROW=eager, BLOCK_J=CONFIG["bwd_block_j"],
-            NEED_GT=True, **common,
+            table, go, w, perm, seg_rows, seg_off[:-1], seg_off[1:], gtab, gw_part, k, d, big_l, table.stride(0),
+            cap, ROW_IS_SEG=mode == "dense", EAGER_ROW=mode == "dense" and CONFIG["bwd_eager_row"],
+            BLOCK_J=CONFIG["bwd_block_j"], **common,
         )  # fmt: skip
         _heavy_rows(table, go, w, perm, seg_rows, seg_off, gtab, gw_part, k, big_l, mode == "dense", common)
     if need_weights:

@@ -179,6 +179,7 @@ CONFIG = dict(
     fwd_warps=2,
     bwd_block_j=1,  # occurrences of a row handled per step of the segmented backward
     bwd_warps=4,
+    bwd_block_d=1024,  # column tile of the backward (max); smaller tiles: more programs, cheaper per-occurrence dots
     bwd_eager_row=True,  # dense backward: read the table row before its offsets are known (hides one latency)
     bwd_cap=64,  # rows read more often than this go through the chunked pass
     chunk_block_j=8,  # occurrences per step in the chunked pass
@@ -302,7 +303,7 @@ def lookup_backward(
     big_l = m * k
     go = grad_out.reshape(m, d).contiguous()  # (M, D)
     dev = table.device
-    bd = _block_d(d)
+    bd = _block_d(d, CONFIG["bwd_block_d"])  # column tile: the weight-gradient dots reduce within it
     n_dt = triton.cdiv(d, bd)
     gw_part = torch.empty(n_dt if need_weights else 0, big_l, device=dev, dtype=torch.float32)  # (n_dt, L)
     rows = gtab = gw = None

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memlm.model.memory.values import row_dot
+
 
 def _candidates(s: torch.Tensor, knn: int, signed: bool) -> torch.Tensor:
     """Candidate sub-key ids (..., c) of one half: its top-knn, plus its bottom-knn when ``signed``."""
@@ -99,11 +101,12 @@ class ProductKeys(nn.Module):
         bound = 1.0 / math.sqrt(self.k_dim)  # PKM: uniform keys with bound 1/sqrt(k_dim)
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def scores(self, query: torch.Tensor) -> torch.Tensor:
-        """query (..., heads, k_dim) -> (..., heads, 2, n_keys): both halves' scores, in fp32 outside autocast.
+    def _normed(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (..., heads, k_dim) -> the query halves (..., heads, 2, half) and sub-keys (heads, 2, n_keys, half)
+        whose dot products are the scores (qk-norm and its scale applied).
 
-        Under autocast the einsum runs in the autocast dtype, so the query is normalized in its own (autocast) dtype
-        rather than upcast first (rms_norm accumulates in fp32 either way); the sub-keys stay fp32 parameters.
+        Under autocast the query stays in its own (autocast) dtype, since the score einsum runs in that dtype anyway
+        (rms_norm accumulates in fp32 either way); otherwise it is upcast to fp32. The sub-keys are fp32 parameters.
         """
         q = query.unflatten(-1, (2, self.half))  # (..., heads, 2, half)
         if not torch.is_autocast_enabled(q.device.type):
@@ -111,7 +114,11 @@ class ProductKeys(nn.Module):
         keys = self.weight.float()  # (heads, 2, n_keys, half)
         if self.qk_norm:  # the 1/sqrt(half) scale goes on the (small) query, not on the (large) scores
             q, keys = _rms(q) / math.sqrt(self.half), _rms(keys)
-        return torch.einsum("...hsd,hsnd->...hsn", q, keys)  # (..., heads, 2, n_keys)
+        return q, keys
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """query (..., heads, k_dim) -> (..., heads, 2, n_keys): both halves' scores against every sub-key."""
+        return torch.einsum("...hsd,hsnd->...hsn", *self._normed(query))
 
     def half_scores(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """query (..., heads, k_dim) -> s1, s2 each (..., heads, n_keys)."""
@@ -123,15 +130,37 @@ class ProductKeys(nn.Module):
 
         ``impl``: "auto" (the fused Triton top-k on CUDA when it supports the size, else PyTorch), "torch" or
         "triton". Both return the same slots up to ties; the fused path returns fp32 scores (candidate sums formed in
-        fp32), the PyTorch path scores in the dtype of the half scores.
+        fp32), the PyTorch path scores in the dtype of the score einsum.
+
+        The PyTorch path under autograd searches without autograd, then recomputes the knn selected scores as dot
+        products of the query halves with the selected sub-keys (:func:`row_dot`). The gradient is the same as that
+        of the dense search, but it costs O(knn) per query instead of O(n_keys): no dense (..., 2, n_keys) score
+        gradient and no backward matmul against every sub-key.
         """
-        s = self.scores(query)  # (..., heads, 2, n_keys)
-        if impl == "triton" or (impl == "auto" and s.is_cuda):
+        q, keys = self._normed(query)  # (..., heads, 2, half), (heads, 2, n_keys, half)
+        if impl == "triton" or (impl == "auto" and q.is_cuda):
             from memlm.model.memory import kernels  # local import: Triton is optional
 
+            s = torch.einsum("...hsd,hsnd->...hsn", q, keys)  # (..., heads, 2, n_keys)
             if impl == "triton" or kernels.topk_available(s, knn):
                 return kernels.product_topk_fused(s, knn)
-        return product_topk(s[..., 0, :], s[..., 1, :], knn)
+            return product_topk(s[..., 0, :], s[..., 1, :], knn)
+        if not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)):
+            s = torch.einsum("...hsd,hsnd->...hsn", q, keys)
+            return product_topk(s[..., 0, :], s[..., 1, :], knn)
+        with torch.no_grad():
+            s = torch.einsum("...hsd,hsnd->...hsn", q, keys)
+            _, idx = product_topk(s[..., 0, :], s[..., 1, :], knn)  # (..., heads, knn)
+        return self._selected_scores(q, keys, idx), idx
+
+    def _selected_scores(self, q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Differentiable scores s1[i] + s2[j] of the slots ``idx`` = i * n_keys + j (..., heads, knn)."""
+        n, h = self.n_keys, self.heads
+        head_base = torch.arange(h, device=idx.device).unsqueeze(-1) * n  # (heads, 1): rows of head h in a flat table
+        i1, i2 = idx // n + head_base, idx % n + head_base  # (..., heads, knn) rows of (heads * n_keys, half) tables
+        s1 = row_dot(keys[:, 0].reshape(h * n, self.half), i1, q[..., 0, :])  # (..., heads, knn)
+        s2 = row_dot(keys[:, 1].reshape(h * n, self.half), i2, q[..., 1, :])
+        return s1 + s2
 
     def slot_scores(self, query: torch.Tensor) -> torch.Tensor:
         """query (..., heads, k_dim) -> (..., heads, n_keys**2): the score of every slot."""

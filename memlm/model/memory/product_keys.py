@@ -14,8 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memlm.model.memory.values import row_dot
-
 
 def _candidates(s: torch.Tensor, knn: int, signed: bool) -> torch.Tensor:
     """Candidate sub-key ids (..., c) of one half: its top-knn, plus its bottom-knn when ``signed``."""
@@ -82,6 +80,45 @@ def _rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
+class _SearchWithSparseGrad(torch.autograd.Function):
+    """Product-key search whose backward touches only the selected sub-keys.
+
+    Forward: the dense scores and :func:`product_topk`, as without autograd. Backward: score (i, j) = <q1, K1[i]> +
+    <q2, K2[j]>, so grad_q1 = sum_k g_k K1[i_k] (an embedding bag over the knn selected sub-keys) and grad_K1[i] =
+    sum of g_k q1 over the selected (query, k) with sub-key i (a sparse-dense matmul). Same gradient as autograd through
+    the dense search, without its (..., 2, n_keys) score gradient and backward matmuls against every sub-key.
+    """
+
+    @staticmethod
+    def forward(ctx, q, keys, knn: int):  # noqa: D102
+        s = torch.einsum("...hsd,hsnd->...hsn", q, keys)  # (..., heads, 2, n_keys)
+        scores, idx = product_topk(s[..., 0, :], s[..., 1, :], knn)  # (..., heads, knn)
+        ctx.save_for_backward(q, keys, idx)
+        ctx.mark_non_differentiable(idx)
+        return scores, idx
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_scores, _grad_idx):  # noqa: D102
+        q, keys, idx = ctx.saved_tensors
+        h, _, n, half = keys.shape
+        knn = idx.shape[-1]
+        g = grad_scores.float().reshape(-1, knn)  # (M*H, knn), one bag per (query, head)
+        head_base = (torch.arange(h, device=idx.device) * n).unsqueeze(-1)  # (H, 1): head h's rows in a flat table
+        bags = torch.arange(g.shape[0], device=idx.device).unsqueeze(-1).expand(-1, knn).reshape(-1)  # (M*H*knn,)
+        grad_q, grad_k = [], []
+        for half_id, sub in ((0, idx // n), (1, idx % n)):
+            rows = (sub + head_base).reshape(-1, knn)  # (M*H, knn) rows of the flat (H*n, half) sub-key table
+            table = keys[:, half_id].reshape(h * n, half).float()
+            qh = q[..., half_id, :].reshape(-1, half).float()  # (M*H, half)
+            grad_q.append(F.embedding_bag(rows, table, per_sample_weights=g, mode="sum"))  # (M*H, half)
+            sel = torch.sparse_coo_tensor(torch.stack([rows.reshape(-1), bags]), g.reshape(-1), (h * n, g.shape[0]))
+            grad_k.append(torch.sparse.mm(sel, qh).view(h, n, half))  # (H, n, half): duplicates summed
+        gq = torch.stack(grad_q, dim=-2).view(q.shape).to(q.dtype)  # (..., heads, 2, half)
+        gk = torch.stack(grad_k, dim=1).to(keys.dtype)  # (heads, 2, n_keys, half)
+        return gq, gk, None
+
+
 class ProductKeys(nn.Module):
     """``heads`` independent pairs of sub-key tables, each (n_keys, k_dim / 2).
 
@@ -132,10 +169,8 @@ class ProductKeys(nn.Module):
         "triton". Both return the same slots up to ties; the fused path returns fp32 scores (candidate sums formed in
         fp32), the PyTorch path scores in the dtype of the score einsum.
 
-        The PyTorch path under autograd searches without autograd, then recomputes the knn selected scores as dot
-        products of the query halves with the selected sub-keys (:func:`row_dot`). The gradient is the same as that
-        of the dense search, but it costs O(knn) per query instead of O(n_keys): no dense (..., 2, n_keys) score
-        gradient and no backward matmul against every sub-key.
+        The PyTorch path's backward (:class:`_SearchWithSparseGrad`) touches only the knn selected sub-keys per query
+        half: O(knn) per query instead of the O(n_keys) of differentiating through the dense search.
         """
         q, keys = self._normed(query)  # (..., heads, 2, half), (heads, 2, n_keys, half)
         if impl == "triton" or (impl == "auto" and q.is_cuda):
@@ -145,22 +180,7 @@ class ProductKeys(nn.Module):
             if impl == "triton" or kernels.topk_available(s, knn):
                 return kernels.product_topk_fused(s, knn)
             return product_topk(s[..., 0, :], s[..., 1, :], knn)
-        if not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)):
-            s = torch.einsum("...hsd,hsnd->...hsn", q, keys)
-            return product_topk(s[..., 0, :], s[..., 1, :], knn)
-        with torch.no_grad():
-            s = torch.einsum("...hsd,hsnd->...hsn", q, keys)
-            _, idx = product_topk(s[..., 0, :], s[..., 1, :], knn)  # (..., heads, knn)
-        return self._selected_scores(q, keys, idx), idx
-
-    def _selected_scores(self, q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Differentiable scores s1[i] + s2[j] of the slots ``idx`` = i * n_keys + j (..., heads, knn)."""
-        n, h = self.n_keys, self.heads
-        head_base = torch.arange(h, device=idx.device).unsqueeze(-1) * n  # (heads, 1): rows of head h in a flat table
-        i1, i2 = idx // n + head_base, idx % n + head_base  # (..., heads, knn) rows of (heads * n_keys, half) tables
-        s1 = row_dot(keys[:, 0].reshape(h * n, self.half), i1, q[..., 0, :])  # (..., heads, knn)
-        s2 = row_dot(keys[:, 1].reshape(h * n, self.half), i2, q[..., 1, :])
-        return s1 + s2
+        return _SearchWithSparseGrad.apply(q, keys, knn)
 
     def slot_scores(self, query: torch.Tensor) -> torch.Tensor:
         """query (..., heads, k_dim) -> (..., heads, n_keys**2): the score of every slot."""

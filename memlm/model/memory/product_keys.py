@@ -112,7 +112,9 @@ class _SearchWithSparseGrad(torch.autograd.Function):
             table = keys[:, half_id].reshape(h * n, half).float()
             qh = q[..., half_id, :].reshape(-1, half).float()  # (M*H, half)
             grad_q.append(F.embedding_bag(rows, table, per_sample_weights=g, mode="sum"))  # (M*H, half)
-            sel = torch.sparse_coo_tensor(torch.stack([rows.reshape(-1), bags]), g.reshape(-1), (h * n, g.shape[0]))
+            sel = torch.sparse_coo_tensor(
+                torch.stack([rows.reshape(-1), bags]), g.reshape(-1), (h * n, g.shape[0]), check_invariants=False
+            )  # (H*n, M*H) grads at (sub-key row, bag)
             grad_k.append(torch.sparse.mm(sel, qh).view(h, n, half))  # (H, n, half): duplicates summed
         gq = torch.stack(grad_q, dim=-2).view(q.shape).to(q.dtype)  # (..., heads, 2, half)
         gk = torch.stack(grad_k, dim=1).to(keys.dtype)  # (heads, 2, n_keys, half)

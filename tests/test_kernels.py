@@ -317,6 +317,33 @@ def test_fused_topk_deterministic_and_supported_sizes(topk_kern):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# the PyTorch path: table gradient per touched row (pure torch, no Triton)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segmented_lookup_equals_embedding_bag_reference(sparse, dtype):
+    from memlm.model.memory.values import value_lookup_segmented
+
+    table, idx, w, gout = _inputs(30, 20, (4, 3), 6, dtype, "cpu", seed=7)  # duplicate rows in every bag
+    ref_out, ref_gt, ref_gw = _reference(table, idx, w, gout)
+    t = table.clone().requires_grad_()
+    wr = w.clone().requires_grad_()
+    out = value_lookup(t, idx, wr, sparse=sparse)  # impl="auto" on CPU: the segmented path
+    out.backward(gout)
+    assert t.grad.is_sparse == sparse and out.dtype == dtype
+    gt = t.grad.coalesce().to_dense() if sparse else t.grad
+    if sparse:  # one row per touched slot, sorted, ready for the row-sparse optimizer
+        assert torch.equal(t.grad._indices()[0], torch.unique(idx))
+    tol = _tol(dtype) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(out.detach().double(), ref_out, **tol)
+    torch.testing.assert_close(gt.double(), ref_gt, **tol)
+    torch.testing.assert_close(wr.grad.double(), ref_gw, **tol)
+    with torch.no_grad():  # no autograd: just the embedding bag
+        assert torch.equal(value_lookup_segmented(table, idx, w), out.detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # row-sparse optimizer updates (pure torch, no Triton)
 
 

@@ -35,20 +35,75 @@ def value_lookup_reference(
     return out.view(*lead, table.shape[-1])
 
 
+class _TableGradBySegments(torch.autograd.Function):
+    """Identity on the lookup's output whose backward adds the table's gradient, computed per touched row.
+
+    ``F.embedding_bag``'s own table backward (with per-sample weights) materializes an (M*K, D) tensor of weighted
+    grad rows and then sorts or coalesces it. This computes the same rows as one more embedding bag instead: sort
+    the (row, bag) pairs by row, and sum ``w * grad_out[bag]`` over each row's segment. The result is the U touched
+    rows (U, D), with no (M*K, D) intermediate. The weights' gradient stays with ``F.embedding_bag``.
+    """
+
+    @staticmethod
+    def forward(ctx, out, table, indices, weights, sparse: bool):  # noqa: D102
+        ctx.save_for_backward(indices, weights)
+        ctx.table_shape, ctx.sparse = table.shape, sparse
+        return out.view_as(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        indices, weights = ctx.saved_tensors  # (M, K), (M, K) in the table's dtype
+        m, k = indices.shape
+        rows, perm = torch.sort(indices.reshape(-1), stable=True)  # (L,): each row's occurrences, in order
+        uniq, counts = torch.unique_consecutive(rows, return_counts=True)  # (U,), (U,)
+        bags = perm // k  # (L,) the bag of each occurrence, grouped by row
+        starts = torch.cumsum(counts, 0) - counts  # (U,) segment offsets
+        grad_rows = F.embedding_bag(
+            bags, grad_out, starts, mode="sum", per_sample_weights=weights.reshape(-1)[perm].to(grad_out.dtype)
+        )  # (U, D)
+        if ctx.sparse:
+            grad_table = torch.sparse_coo_tensor(
+                uniq.unsqueeze(0), grad_rows, ctx.table_shape, is_coalesced=True, check_invariants=False
+            )
+        else:
+            grad_table = grad_rows.new_zeros(ctx.table_shape).index_copy_(0, uniq, grad_rows)
+        return grad_out, grad_table, None, None, None
+
+
+def value_lookup_segmented(
+    table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse: bool = False
+) -> torch.Tensor:
+    """:func:`value_lookup_reference` with the table gradient computed per touched row (the PyTorch fast path).
+
+    Same values and gradients as the reference; it avoids the reference's (M*K, D) backward intermediate.
+    """
+    lead, k = indices.shape[:-1], indices.shape[-1]
+    flat_idx = indices.reshape(-1, k)  # (M, K)
+    flat_w = weights.reshape(-1, k).to(table.dtype)  # (M, K)
+    out = F.embedding_bag(flat_idx, table.detach(), per_sample_weights=flat_w, mode="sum")  # (M, D): grad to weights
+    if table.requires_grad and torch.is_grad_enabled():
+        out = _TableGradBySegments.apply(out, table, flat_idx, flat_w.detach(), sparse)
+    return out.view(*lead, table.shape[-1])
+
+
 def value_lookup(
     table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse: bool = False, impl: str = "auto"
 ) -> torch.Tensor:
     """Weighted sum of value rows; picks the fastest correct implementation for the device.
 
-    ``impl``: "auto" (Triton on CUDA when installed, else reference), "reference", or "triton".
+    ``impl``: "auto" (Triton on CUDA when installed, else :func:`value_lookup_segmented`), "torch" (that PyTorch
+    path), "reference" (plain ``F.embedding_bag``) or "triton".
     """
-    if impl == "reference" or (impl == "auto" and not table.is_cuda):
+    if impl == "reference":
         return value_lookup_reference(table, indices, weights, sparse=sparse)
+    if impl == "torch" or (impl == "auto" and not table.is_cuda):
+        return value_lookup_segmented(table, indices, weights, sparse=sparse)
     from memlm.model.memory import kernels  # local import: Triton is optional
 
     if impl == "triton" or kernels.available(table):
         return kernels.triton_value_lookup(table, indices, weights, sparse=sparse)
-    return value_lookup_reference(table, indices, weights, sparse=sparse)
+    return value_lookup_segmented(table, indices, weights, sparse=sparse)
 
 
 class _RowDot(torch.autograd.Function):

@@ -54,7 +54,7 @@ class _TableGradBySegments(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
         indices, weights = ctx.saved_tensors  # (M, K), (M, K) in the table's dtype
-        m, k = indices.shape
+        k = indices.shape[1]
         rows, perm = torch.sort(indices.reshape(-1), stable=True)  # (L,): each row's occurrences, in order
         uniq, counts = torch.unique_consecutive(rows, return_counts=True)  # (U,), (U,)
         bags = perm // k  # (L,) the bag of each occurrence, grouped by row

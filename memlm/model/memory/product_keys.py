@@ -75,6 +75,11 @@ def all_pair_scores(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     return (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., n_keys * n_keys)
 
 
+def _dense_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Query halves (..., heads, 2, half) x sub-keys (heads, 2, n_keys, half) -> scores (..., heads, 2, n_keys)."""
+    return torch.einsum("...hsd,hsnd->...hsn", q, keys)
+
+
 def _rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / rms(x) over the last dim, no gain (one fused kernel where PyTorch has one)."""
     return F.rms_norm(x, (x.shape[-1],), eps=eps)
@@ -91,7 +96,7 @@ class _SearchWithSparseGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, keys, knn: int):  # noqa: D102
-        s = torch.einsum("...hsd,hsnd->...hsn", q, keys)  # (..., heads, 2, n_keys)
+        s = _dense_scores(q, keys)  # (..., heads, 2, n_keys)
         scores, idx = product_topk(s[..., 0, :], s[..., 1, :], knn)  # (..., heads, knn)
         ctx.save_for_backward(q, keys, idx)
         ctx.mark_non_differentiable(idx)
@@ -157,7 +162,7 @@ class ProductKeys(nn.Module):
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """query (..., heads, k_dim) -> (..., heads, 2, n_keys): both halves' scores against every sub-key."""
-        return torch.einsum("...hsd,hsnd->...hsn", *self._normed(query))
+        return _dense_scores(*self._normed(query))
 
     def half_scores(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """query (..., heads, k_dim) -> s1, s2 each (..., heads, n_keys)."""
@@ -179,7 +184,7 @@ class ProductKeys(nn.Module):
         q, keys = self._normed(query)  # (..., heads, 2, half), (heads, 2, n_keys, half)
         if not (q.is_cuda or impl == "triton"):
             return _SearchWithSparseGrad.apply(q, keys, knn)
-        s = torch.einsum("...hsd,hsnd->...hsn", q, keys)  # (..., heads, 2, n_keys)
+        s = _dense_scores(q, keys)  # (..., heads, 2, n_keys)
         if impl == "triton" or impl == "auto":
             from memlm.model.memory import kernels  # local import: Triton is optional
 

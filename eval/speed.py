@@ -1,6 +1,6 @@
 """Speed benchmarks for memlm memory layers (issue 8): prints a table per section and writes JSON.
 
-Sections (``--sections a,b,c,d,e``):
+Sections (``--sections a,b,c,d,e,f``):
   a  value lookup forward+backward vs. the bandwidth floor (bytes that must move / device copy bandwidth measured in
      the same run) and vs. stock PyTorch (fp32 F.embedding_bag; the bf16 gather fallback, since PyTorch has no bf16
      CUDA backward for embedding_bag with per-sample weights).
@@ -11,6 +11,8 @@ Sections (``--sections a,b,c,d,e``):
   d  product-key retrieval time vs. slot count (should grow like sqrt(N): two n_keys-row sub-key tables).
   e  one Memory+ layer forward+backward at the PAPERS.md reference size (d=1024, 16k tokens, 1M slots, 4 x 32)
      vs. a dense 4x FFN: time and peak memory ratios.
+  f  the value table's optimizer step (``--model_config``'s table): dense fused Adam vs. the row-sparse Adam
+     implementations (op by op, torch fused, Triton one-pass) vs. the bandwidth floor of the touched rows.
 
 Usage:
     python eval/speed.py --out runs/speed.json                            # all sections, GPU reference sizes
@@ -54,7 +56,7 @@ def quick_cpu_threads(args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sections", default="a,b,c,d,e", help="comma-separated subset of " + ",".join(SECTIONS))
+    p.add_argument("--sections", default="a,b,c,d,e,f", help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--knn", type=int, default=32)
     p.add_argument("--model_config", type=Path, default=ROOT / "configs" / "model" / "small_memory_plus.yaml",
-                   help="(b), (c): the Memory+ model (its equal-FLOP dense twin is derived)")  # fmt: skip
+                   help="(b), (c), (f): the Memory+ model (its equal-FLOP dense twin is derived)")  # fmt: skip
     p.add_argument("--batch", type=int, default=None, help="(b) sequences per step (default 32 x 512 tokens)")
     p.add_argument("--scaling_batch", type=int, default=None, help="(c) sequences per step (default 4 x 512 tokens)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 with --quick, else torch's)")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memlm.model.memory.sparse_update import RowSparseAdam, adam_rows_, coalesce_rows, grad_to_rows, sgd_rows_
+from memlm.model.memory.sparse_update import _bias_corrections, adam_rows_, grad_to_rows
 from memlm.model.memory.values import value_lookup, value_lookup_reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -344,89 +344,43 @@ def test_segmented_lookup_equals_embedding_bag_reference(sparse, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# row-sparse optimizer updates (pure torch, no Triton)
+# fused row-sparse Adam step
+
+ADAM_CASES = [  # (N rows, trailing shape, param dtype, per-row step counts): odd D, D over one column tile, 3-D table
+    (50, (100,), torch.float32, False),
+    (40, (1030,), torch.bfloat16, True),
+    (30, (3, 7), torch.float32, True),
+]
 
 
-def _sparse_grad(n, d, rows, gen):
-    vals = torch.randn(rows.numel(), d, generator=gen)  # (R, D)
-    return torch.sparse_coo_tensor(rows[None], vals, (n, d), check_invariants=True).coalesce()
+@pytest.mark.parametrize("case", ADAM_CASES)
+def test_fused_adam_rows_matches_reference(kern, case):
+    from memlm.model.memory import kernels
 
-
-def test_row_sparse_adam_equals_dense_adam_on_fixed_rows():
+    dev = kern[1]
+    n, trailing, dtype, per_row = case
     gen = torch.Generator().manual_seed(0)
-    n, d = 20, 8
-    init = torch.randn(n, d, generator=gen)
-    rows = torch.tensor([1, 4, 5, 11, 19])
-    dense_p = init.clone().requires_grad_()
-    sparse_p = init.clone().requires_grad_()
-    dense_opt = torch.optim.Adam([dense_p], lr=1e-2, foreach=False)
-    sparse_opt = RowSparseAdam([sparse_p], lr=1e-2)
-    for _ in range(4):
-        g = _sparse_grad(n, d, rows, gen)
-        dense_p.grad = g.to_dense()
-        sparse_p.grad = g
-        dense_opt.step()
-        sparse_opt.step()
-    torch.testing.assert_close(sparse_p[rows], dense_p[rows], atol=0, rtol=1e-6)
-    untouched = torch.ones(n, dtype=torch.bool)
-    untouched[rows] = False
-    assert torch.equal(sparse_p[untouched], init[untouched])
-
-
-def test_row_sparse_adam_varying_rows_matches_sparse_adam_and_leaves_rest_bitwise():
-    gen = torch.Generator().manual_seed(1)
-    n, d = 30, 6
-    init = torch.randn(n, d, generator=gen)
-    ref_p = init.clone().requires_grad_()
-    p = init.clone().requires_grad_()
-    ref_opt = torch.optim.SparseAdam([ref_p], lr=1e-2)
-    opt = RowSparseAdam([p], lr=1e-2)
-    for _ in range(5):
-        rows = torch.randperm(n, generator=gen)[:7]
-        before_p, before_m = p.detach().clone(), opt.state[p]["exp_avg"].clone() if opt.state[p] else None
-        g = _sparse_grad(n, d, rows, gen)
-        ref_p.grad, p.grad = g, g
-        ref_opt.step()
-        opt.step()
-        torch.testing.assert_close(p, ref_p, atol=1e-5, rtol=1e-5)  # SparseAdam rounds differently
+    init = torch.randn(n, *trailing, generator=gen).to(dtype)
+    p_ref, m_ref, v_ref = init.clone(), torch.zeros(n, *trailing), torch.zeros(n, *trailing)
+    p, m, v = init.clone().to(dev), m_ref.clone().to(dev), v_ref.clone().to(dev)
+    counts = torch.zeros(n, dtype=torch.long)
+    lr, betas, eps = 1e-2, (0.9, 0.99), 1e-8
+    for step in range(1, 4):
+        rows = torch.randperm(n, generator=gen)[: n // 2]  # unique, unsorted
+        g = torch.randn(rows.numel(), *trailing, generator=gen)
+        counts[rows] += 1
+        t = counts[rows] if per_row else step
+        before = (p.cpu().clone(), m.cpu().clone(), v.cpu().clone())
+        adam_rows_(p_ref, rows, g, m_ref, v_ref, t, lr, betas, eps, impl="reference")
+        step_size, bc2 = _bias_corrections(t, lr, *betas)
+        if per_row:
+            step_size, bc2 = step_size.to(dev), bc2.to(dev)
+        kernels.fused_adam_rows(p, rows.to(dev), g.to(dev), m, v, step_size, bc2, *betas, eps)
+        torch.testing.assert_close(m.cpu(), m_ref, atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(v.cpu(), v_ref, atol=1e-9, rtol=1e-6)
+        torch.testing.assert_close(p.cpu(), p_ref, **({"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {}))
+        p_ref.copy_(p.cpu())  # bf16: a 1-ulp rounding flip must not carry into the next step's comparison
         other = torch.ones(n, dtype=torch.bool)
         other[rows] = False
-        assert torch.equal(p.detach()[other], before_p[other])
-        if before_m is not None:
-            assert torch.equal(opt.state[p]["exp_avg"][other], before_m[other])
-
-
-def test_row_sparse_adam_per_row_step_and_dense_grad_rows():
-    gen = torch.Generator().manual_seed(2)
-    n, d = 10, 4
-    p = torch.randn(n, d, generator=gen, requires_grad=True)
-    opt = RowSparseAdam([p], lr=0.1, per_row_step=True)
-    p.grad = torch.zeros(n, d)
-    p.grad[3] = 1.0  # dense gradient: the non-zero rows are the touched ones
-    opt.step()
-    assert opt.state[p]["step"].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
-    p.grad = torch.zeros(n, d)
-    p.grad[7] = -1.0
-    before = p.detach().clone()
-    opt.step()
-    # row 7's first update is a bias-corrected first Adam step: exactly -lr * sign(g) (up to eps)
-    torch.testing.assert_close(p.detach()[7] - before[7], torch.full((d,), 0.1), atol=1e-6, rtol=0)
-    assert torch.equal(p.detach()[3], before[3])
-    assert opt.state[p]["step"].tolist() == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0]
-
-
-def test_adam_rows_functional_bf16_and_sgd_and_coalesce():
-    n, d = 12, 5
-    p = torch.randn(n, d).to(torch.bfloat16)
-    m, v = torch.zeros(n, d), torch.zeros(n, d)
-    before = p.clone()
-    rows = torch.tensor([2, 9])
-    adam_rows_(p, rows, torch.ones(2, d), m, v, step=1, lr=0.5)
-    assert torch.equal(p[[0, 1, 3]], before[[0, 1, 3]]) and not torch.equal(p[2], before[2])
-    q = torch.zeros(n, d)
-    sgd_rows_(q, rows, torch.ones(2, d), lr=2.0)
-    assert q[2].eq(-2.0).all() and q.sum() == -2.0 * 2 * d
-    uniq, summed = coalesce_rows(torch.tensor([4, 1, 4]), torch.ones(3, d))
-    assert uniq.tolist() == [1, 4] and summed[:, 0].tolist() == [1.0, 2.0]
-    with pytest.raises(ValueError, match="grad_rows"):
-        sgd_rows_(q, rows, torch.ones(3, d), lr=1.0)
+        for after, old in zip((p, m, v), before):
+            assert torch.equal(after.cpu()[other], old[other])  # untouched rows: bitwise unchanged

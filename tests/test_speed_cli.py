@@ -18,7 +18,7 @@ def test_speed_quick_cpu_writes_every_section(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     data = json.loads(out.read_text())
     sec = data["sections"]
-    assert sorted(sec) == ["a", "b", "c", "d", "e"]
+    assert sorted(sec) == ["a", "b", "c", "d", "e", "f"]
     assert all(v is None or v > 0 for e in sec["a"]["results"] for v in e["ms"].values())
     b = sec["b"]["results"]
     assert [r["model"] for r in b] == ["dense", "memory_plus", "memory_plus"] and b[0]["vs_dense"] == 1.0
@@ -30,4 +30,7 @@ def test_speed_quick_cpu_writes_every_section(tmp_path):
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in d)
     e = sec["e"]["results"]
     assert e[0]["layer"] == "dense FFN 4x" and all(r["ms"] > 0 for r in e)
+    f = sec["f"]["results"]
+    assert [r["impl"] for r in f] == ["dense fused Adam"] + [f"row-sparse {i}" for i in ("reference", "torch")] * 2
+    assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in f)
     assert "(d) product-key retrieval" in res.stdout

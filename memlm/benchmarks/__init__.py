@@ -1,12 +1,14 @@
 """Speed benchmarks of the memory layers (the sections of ``eval/speed.py``).
 
 One module per kind of measurement: :mod:`.timing` (device-aware timers, copy bandwidth, kernel profiles, tables),
-:mod:`.lookup` (a), :mod:`.training` (b, c), :mod:`.retrieval` (d), :mod:`.layer` (e). Each section is a function
+:mod:`.lookup` (a), :mod:`.training` (b, c), :mod:`.retrieval` (d), :mod:`.layer` (e),
+:mod:`.optimizer` (f). Each section is a function
 ``(args, device, bandwidth) -> dict`` that prints its own table and returns JSON-able rows.
 """
 
 from memlm.benchmarks.layer import section_layer
 from memlm.benchmarks.lookup import section_lookup
+from memlm.benchmarks.optimizer import section_value_optimizer
 from memlm.benchmarks.retrieval import section_retrieval
 from memlm.benchmarks.training import section_slot_scaling, section_tokens_per_s
 
@@ -16,6 +18,7 @@ SECTIONS = {
     "c": section_slot_scaling,
     "d": section_retrieval,
     "e": section_layer,
+    "f": section_value_optimizer,
 }
 
 __all__ = ["SECTIONS"]

@@ -1,9 +1,11 @@
-"""Fused Triton kernels: the weighted value lookup (the CUDA fast path of ``memory.values.value_lookup``) and the
-product-key top-k (the CUDA fast path of ``ProductKeys.retrieve``).
+"""Fused Triton kernels: the weighted value lookup (the CUDA fast path of ``memory.values.value_lookup``), the
+product-key top-k (the CUDA fast path of ``ProductKeys.retrieve``) and the lazy Adam step on value rows (the CUDA
+fast path of ``memory.sparse_update.adam_rows_``).
 
-The kernels live in :mod:`.lookup` and :mod:`.topk` (imported lazily: Triton is optional). ``available(table)`` and
-``topk_available(x, n_keys, knn)`` say whether they can run; ``triton_value_lookup`` and ``product_topk_fused`` are
-the differentiable entry points. On CPU they run only under ``TRITON_INTERPRET=1`` (tests), which must be set before
+The kernels live in :mod:`.lookup`, :mod:`.topk` and :mod:`.adam_rows` (imported lazily: Triton is optional).
+``available(table)``, ``topk_available(x, n_keys, knn)`` and ``adam_rows_available(param)`` say whether they can run;
+``triton_value_lookup`` and ``product_topk_fused`` are the differentiable entry points, ``fused_adam_rows`` the
+in-place optimizer step. On CPU they run only under ``TRITON_INTERPRET=1`` (tests), which must be set before
 Triton is first imported.
 """
 
@@ -26,6 +28,11 @@ def _triton_importable() -> bool:
 def available(table: torch.Tensor) -> bool:
     """Whether the Triton fast path can run for this table (CUDA tensor, Triton installed, float dtype)."""
     return table.is_cuda and table.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_importable()
+
+
+def adam_rows_available(param: torch.Tensor) -> bool:
+    """Whether the fused row-sparse Adam step can run on this parameter (CUDA, Triton, contiguous float table)."""
+    return available(param) and param.dim() >= 1 and param.is_contiguous()
 
 
 def topk_available(x: torch.Tensor, n_keys: int, knn: int) -> bool:
@@ -81,3 +88,14 @@ def lookup_backward_rows(
 
     rows, grad_rows, grad_w = lookup.lookup_backward(table, indices, weights, grad_out, mode="sparse")
     return rows, grad_rows, grad_w
+
+
+def fused_adam_rows(param, rows, grad_rows, exp_avg, exp_avg_sq, step_size, bc2_sqrt, beta1, beta2, eps) -> None:
+    """One-pass lazy Adam step on ``param[rows]`` (in place; rows unique). See :mod:`.adam_rows`."""
+    from memlm.model.memory.kernels import adam_rows
+
+    n, u = param.shape[0], rows.numel()
+    adam_rows.adam_rows(
+        param.view(n, -1), rows, grad_rows.reshape(u, -1), exp_avg.view(n, -1), exp_avg_sq.view(n, -1),
+        step_size, bc2_sqrt, beta1, beta2, eps,
+    )  # fmt: skip

@@ -415,6 +415,9 @@ def write_outputs(args: argparse.Namespace, overrides: list[str], rows: list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
+    from memlm.utils.malloc import keep_freed_memory_in_heap
+
+    keep_freed_memory_in_heap()  # CPU step time: no page faults on the large per-step buffers
     args, overrides = parse_args(argv)
     import torch
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from memlm.benchmarks import SECTIONS  # noqa: E402
 from memlm.benchmarks.timing import copy_bandwidth  # noqa: E402
+from memlm.utils.malloc import keep_freed_memory_in_heap  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,7 @@ def quick_cpu_threads(args: argparse.Namespace) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    keep_freed_memory_in_heap()  # as train.py does: CPU timings of (b)-(f) match training
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", default="a,b,c,d,e,f", help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")

@@ -2,6 +2,9 @@ import pytest
 import torch
 
 from memlm.config import MemoryConfig, ModelConfig
+from memlm.utils.malloc import keep_freed_memory_in_heap
+
+keep_freed_memory_in_heap()  # as the entry points do (faster CPU tests; see memlm/utils/malloc.py)
 
 
 @pytest.fixture(autouse=True)

@@ -39,6 +39,7 @@ from memlm.continual.report import plot_stages
 from memlm.data.cache import atomic_write_json
 from memlm.data.errors import DataError
 from memlm.export import CheckpointError
+from memlm.utils.malloc import keep_freed_memory_in_heap
 
 USER_ERRORS = (ConfigError, CheckpointError, MethodError, BackgroundError, stream.StreamError, DataError)
 
@@ -206,6 +207,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory_in_heap()  # CPU step time: no page faults on the large per-step buffers
     try:
         args, overrides = parse_args(argv)
         cfg = load_finetune_config(args.config, overrides)

@@ -20,6 +20,7 @@ from memlm.evaluation.forgetting import forgetting_report, format_report, plot_f
 from memlm.evaluation.runner import evaluate, format_table
 from memlm.evaluation.tasks import TaskError, known_tasks, resolve_tasks
 from memlm.export import CheckpointError
+from memlm.utils.malloc import keep_freed_memory_in_heap
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, TaskError)
 
@@ -125,6 +126,7 @@ def _guard(main):
 
 @_guard
 def run_main(argv: list[str] | None = None) -> int:
+    keep_freed_memory_in_heap()
     p = argparse.ArgumentParser(description="Evaluate a memlm checkpoint on QA / multiple-choice / perplexity tasks.")
     p.add_argument("--ckpt", help="export directory or Lightning .ckpt")
     _common_args(p)
@@ -164,6 +166,7 @@ def run_main(argv: list[str] | None = None) -> int:
 
 @_guard
 def forgetting_main(argv: list[str] | None = None) -> int:
+    keep_freed_memory_in_heap()
     p = argparse.ArgumentParser(description="Relative drops per task from a base checkpoint to finetuned ones.")
     p.add_argument("--base", help="base checkpoint (export dir or .ckpt), or a results JSON of eval/run.py")
     p.add_argument("--after", nargs="+", help="finetuned checkpoints (or results JSONs)")

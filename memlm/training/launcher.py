@@ -18,6 +18,7 @@ import yaml
 
 from memlm.config import ConfigError, RunConfig, load_run_config, to_dict
 from memlm.export import CheckpointError
+from memlm.utils.malloc import keep_freed_memory_in_heap
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "pretrain" / "tiny.yaml"
@@ -239,6 +240,7 @@ def print_summary(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory_in_heap()  # CPU step time: no page faults on the large per-step buffers
     from memlm.training.reliability import NonFiniteError
     from memlm.utils.atomic import DiskFullError, is_disk_full
 

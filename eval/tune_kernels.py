@@ -1,8 +1,9 @@
-"""Sweep the launch settings of the Triton kernels (``kernels.lookup.CONFIG``, ``kernels.topk.CONFIG``) on this GPU.
+"""Sweep the launch settings of the Triton kernels (``kernels.{lookup,topk,adam_rows}.CONFIG``) on this GPU.
 
 For each setting: check the result against the current defaults (bitwise for the value lookup: every setting sums in
 the same order; exact for the top-k), then time it. Prints one table per kernel with the fastest setting first;
-the defaults in the two CONFIG dicts were chosen with this script on one H100. Needs CUDA and Triton.
+the lookup and top-k defaults were chosen with this script on one H100 (the row-sparse Adam defaults are untuned).
+Needs CUDA and Triton.
 
     python eval/tune_kernels.py                      # reference sizes: 1M x 1024 bf16 table, 16k tokens x 4 x 32
     python eval/tune_kernels.py --tokens 4096 --out runs/tune.json
@@ -36,15 +37,23 @@ def _bench(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _sweep(config: dict, settings: list[dict], run: Callable[[], object], same: Callable[[object, object], bool]):
-    """Time ``run`` under every setting (each patched into ``config``); rows sorted by time."""
+def _sweep(
+    config: dict,
+    settings: list[dict],
+    run: Callable[[], object],
+    same: Callable[[object, object], bool],
+    check: Callable[[], object] | None = None,
+):
+    """Time ``run`` under every setting (each patched into ``config``); rows sorted by time. Each setting's result
+    (of ``check``, default ``run``) is compared with the defaults' by ``same``."""
+    check = check or run
     defaults = dict(config)
-    ref = run()
+    ref = check()
     rows = []
     for setting in settings:
         config.update(setting)
         try:
-            ok = same(run(), ref)
+            ok = same(check(), ref)
             ms = _bench(run)
         except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory) is reported, not fatal
             ok, ms = f"error: {type(e).__name__}", float("nan")
@@ -124,9 +133,40 @@ def tune_topk(args: argparse.Namespace) -> dict:
     return out
 
 
+def tune_adam(args: argparse.Namespace) -> dict:
+    from memlm.model.memory import kernels
+    from memlm.model.memory.kernels import adam_rows
+
+    torch.manual_seed(0)
+    n, d = args.rows, args.dim
+    u = int(0.9 * n)  # nearly every row touched: the worst case for the lazy step
+    p0 = torch.randn(n, d, device="cuda")  # (N, D) fp32 table
+    rows = torch.randperm(n, device="cuda")[:u].sort().values  # (U,)
+    g = torch.randn(u, d, device="cuda")  # (U, D)
+    p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+
+    def run():  # timed: steps the same state again and again
+        kernels.fused_adam_rows(p, rows, g, m, v, 1e-3, 0.5, 0.9, 0.999, 1e-8)
+
+    def check():  # one step from a fixed state, on copies
+        pc, mc, vc = p0.clone(), torch.zeros_like(p0), torch.ones_like(p0)
+        kernels.fused_adam_rows(pc, rows, g, mc, vc, 1e-3, 0.5, 0.9, 0.999, 1e-8)
+        return pc, mc, vc
+
+    rows_out = _sweep(
+        adam_rows.CONFIG,
+        _grid(tile_elems=[1024, 2048, 4096], block_d=[256, 512, 1024], warps=[2, 4, 8]),
+        run,
+        lambda a, b: all(torch.allclose(x, y, rtol=1e-6, atol=0) for x, y in zip(a, b)),
+        check,
+    )
+    _print(f"row-sparse Adam step, {u} of {n} rows x {d} fp32", rows_out, adam_rows.CONFIG)
+    return dict(step=rows_out)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernels", default="topk,lookup", help="comma-separated subset of topk,lookup")
+    p.add_argument("--kernels", default="topk,lookup,adam", help="comma-separated subset of topk,lookup,adam")
     p.add_argument("--rows", type=int, default=2**20, help="value-table rows")
     p.add_argument("--dim", type=int, default=1024, help="value dim")
     p.add_argument("--n_keys", type=int, default=1024, help="sub-keys per half")
@@ -142,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
     res = {}
     for name in args.kernels.split(","):
-        res[name] = {"topk": tune_topk, "lookup": tune_lookup}[name.strip()](args)
+        res[name] = {"topk": tune_topk, "lookup": tune_lookup, "adam": tune_adam}[name.strip()](args)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1, default=str))
@@ -154,16 +194,17 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def apply_fastest(res: dict) -> None:
-    """Patch the kernels' CONFIG with the fastest correct setting of each sweep (dense lookup grad, bf16 top-k)."""
-    from memlm.model.memory.kernels import lookup, topk
+    """Patch the kernels' CONFIG with the fastest correct setting of each sweep (dense lookup grad, bf16 top-k,
+    row-sparse Adam)."""
+    from memlm.model.memory.kernels import adam_rows, lookup, topk
 
-    picks = [(lookup.CONFIG, res.get("lookup", {}).get("dense"))]
+    picks = [(lookup.CONFIG, res.get("lookup", {}).get("dense")), (adam_rows.CONFIG, res.get("adam", {}).get("step"))]
     picks += [(topk.CONFIG, res.get("topk", {}).get(key)) for key in ("fwd_torch.bfloat16", "bwd")]
     for config, rows in picks:
         good = [r for r in rows or [] if r["matches_default"] is True]
         if good:
             config.update(good[0]["setting"])
-    print(f"\napplied: lookup {lookup.CONFIG}\n         topk {topk.CONFIG}")
+    print(f"\napplied: lookup {lookup.CONFIG}\n         topk {topk.CONFIG}\n         adam {adam_rows.CONFIG}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import memlm
-from memlm.config import OptimConfig, load_run_config
+from memlm.config import ConfigError, OptimConfig, load_run_config
 from memlm.training.schedule import group_lambdas, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +116,9 @@ def test_schedules():
                                               value_schedule="constant"), 100)  # fmt: skip
     assert ultra[1](0) == pytest.approx(1.0) and ultra[1](100) == pytest.approx(0.25)
     assert ultra[1](50) == pytest.approx(2.5 / 4)
+    # a fixed value lr would silently drop the multiplier (the group's initial lr): refused with the fix named
+    with pytest.raises(ConfigError, match="--optim.value_lr=null"):
+        OptimConfig(value_lr=1e-3, value_lr_mult=4.0, value_lr_decay_to=1.0)
 
 
 def test_ddp_two_processes_match_single_process(tmp_path):

@@ -202,6 +202,22 @@ def test_core_aux_loss():
     assert (loss - ce).item() == pytest.approx(expected, rel=1e-3)
     loss.backward()
     assert layer.core.grad.abs().sum() > 0
+    model.eval()  # validation loss is pure cross-entropy: the regulariser belongs to training only
+    logits, loss = model(idx, idx)
+    assert layer.aux_loss is None
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.view(-1, 64), idx.view(-1)).item(), rel=1e-6)
+
+
+def test_ultramem_core_no_weight_decay_and_fp32_scores_under_autocast():
+    model = MemLM(variant_config("ultramem"))
+    layer = model.memory_layers[0]
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in model.param_groups(0.1, lr=1e-3)}
+    assert id(layer.core) in groups["no_decay"] and id(layer.core) not in groups["decay"]
+    x = torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights, _, scores = layer.retrieve(x)  # raw scores are the mixing weights: kept in fp32
+        s_row, _ = layer.half_scores(x)
+    assert weights.dtype == scores.dtype == s_row.dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- UltraMem IVE / MCS

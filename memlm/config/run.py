@@ -40,6 +40,12 @@ class OptimConfig(_YamlMixin):
         )
         _require(self.value_lr is None or self.value_lr > 0, f"optim.value_lr must be > 0, got {self.value_lr}")
         _require(self.value_lr_mult > 0, f"optim.value_lr_mult must be > 0, got {self.value_lr_mult}")
+        # a fixed value lr ignores the multiplier, so the UltraMem lambda schedule would silently start at value_lr
+        _require(
+            self.value_lr is None or (self.value_lr_mult == 1.0 and self.value_lr_decay_to is None),
+            f"optim.value_lr={self.value_lr} (a fixed value lr) excludes optim.value_lr_mult / value_lr_decay_to "
+            "(value lr = lr x multiplier); to use the multiplier, also pass --optim.value_lr=null",
+        )
 
 
 @dataclass

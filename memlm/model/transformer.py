@@ -218,12 +218,14 @@ class MemLM(nn.Module):
         """Optimizer parameter groups (nanoGPT style, from parameter properties).
 
         - ``decay``: matrices (>= 2-D) of the dense network, with ``weight_decay``;
-        - ``no_decay``: norms, biases, and product keys (unless ``keys_weight_decay``);
+        - ``no_decay``: norms, biases, product keys (unless ``keys_weight_decay``) and the memory layers'
+          ``no_decay_parameters()`` (UltraMem's Tucker core);
         - ``memory_values``: the value tables, own lr (``value_lr`` fixed, else ``lr * value_lr_mult``), no decay.
         Each group carries ``name`` and ``lr_scale``/``fixed_lr`` so schedulers treat the value group apart.
         """
         value_ids = {id(p) for p in self.value_parameters()}
         key_ids = {id(m.weight) for m in self.modules() if isinstance(m, ProductKeys)}
+        kept = {id(p) for m in self.memory_layers for p in m.no_decay_parameters()}  # e.g. UltraMem's Tucker core
         decay, no_decay, values = [], [], []
         for p in self.parameters():  # deduplicated (tied / shared weights appear once)
             if not p.requires_grad:
@@ -232,7 +234,7 @@ class MemLM(nn.Module):
                 values.append(p)
             elif id(p) in key_ids:
                 (decay if keys_weight_decay else no_decay).append(p)
-            elif p.dim() >= 2:
+            elif p.dim() >= 2 and id(p) not in kept:
                 decay.append(p)
             else:
                 no_decay.append(p)

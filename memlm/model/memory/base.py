@@ -35,6 +35,10 @@ class MemoryLayer(nn.Module):
     def value_table(self) -> nn.Module:
         raise NotImplementedError
 
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        """Matrices of this layer kept out of weight decay (``MemLM.param_groups``; vectors never get it)."""
+        return []
+
     def sparse_tables(self) -> list[nn.Module]:
         """Every table this layer reads a few rows of per token (the optimizer's value group): the value table, plus
         PEER's input-expert table and UltraMemV2's pre-value table."""

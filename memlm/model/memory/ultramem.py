@@ -102,6 +102,10 @@ class UltraMem(MemoryLayer):
         """(heads, r) singular values of each head's summed core (for logging)."""
         return torch.linalg.svdvals(self.core.detach().float().sum(1))
 
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        # raw scores are the mixing weights: decaying the core would shrink every read (the aux loss shapes it)
+        return [self.core]
+
     def _aux(self) -> torch.Tensor | None:
         if self.rank == 1 or self.cfg.aux_alpha == 0:
             return None
@@ -110,12 +114,14 @@ class UltraMem(MemoryLayer):
 
     # ---------------------------------------------------------------------------------------------- retrieval
     def half_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (..., dim) -> s_row, s_col each (..., heads, n_keys, r): cosine of each row query with each sub-key."""
+        """x (..., dim) -> s_row, s_col each (..., heads, n_keys, r): cosine of each row query with each sub-key,
+        in fp32 also under autocast (raw scores are the mixing weights, no softmax)."""
         q = self.query_dropout(self.query(x))  # (..., heads * r, k_dim)
         q = q.unflatten(-2, (self.heads, self.rank)).unflatten(-1, (2, self.half))  # (..., heads, r, 2, half)
-        q = F.layer_norm(q.float(), (self.half,))
-        k = F.layer_norm(self.keys.weight.float(), (self.half,))  # (heads, 2, n_keys, half)
-        s = torch.einsum("...hrsd,hsnd->...hsnr", q, k) / self.half  # (..., heads, 2, n_keys, r)
+        with torch.autocast(q.device.type, enabled=False):
+            q = F.layer_norm(q.float(), (self.half,))
+            k = F.layer_norm(self.keys.weight.float(), (self.half,))  # (heads, 2, n_keys, half)
+            s = torch.einsum("...hrsd,hsnd->...hsnr", q, k) / self.half  # (..., heads, 2, n_keys, r)
         return s[..., 0, :, :], s[..., 1, :, :]
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,7 +129,11 @@ class UltraMem(MemoryLayer):
         selection scores (..., heads, knn) sorted descending). Weights carry gradient; the search does not."""
         if self._svd_key != self._core_key():
             self.refresh()
-        s_row, s_col = self.half_scores(x)  # (..., heads, n_keys, r) each
+        s_row, s_col = self.half_scores(x)  # (..., heads, n_keys, r) each, fp32
+        with torch.autocast(x.device.type, enabled=False):  # search, rescoring and weights all in fp32
+            return self._search_and_weigh(s_row, s_col)
+
+    def _search_and_weigh(self, s_row: torch.Tensor, s_col: torch.Tensor):
         core_sum = self.core.float().sum(1)  # (heads, r, r)
         with torch.no_grad():
             a = torch.einsum("...hnr,hr->...hn", s_row, self.svd_u)  # (..., heads, n_keys) rank-1 row marginal
@@ -156,7 +166,7 @@ class UltraMem(MemoryLayer):
         self._record(rows, weights.sum(-2))
         if self.record:
             self.last_virtual = virtual.detach()
-        self.aux_loss = self._aux()
+        self.aux_loss = self._aux() if self.training else None  # a training regulariser: not part of val loss
         hc, E = self.n_cores, self.expansion
         lead = rows.shape[:-2]
         m = self.heads * self.knn

@@ -138,17 +138,6 @@ def variant_config(args: argparse.Namespace, variant: str, overrides: list[str])
 # memory usage of a trained model
 
 
-def _layer_rows(layer, indices):
-    """Indices of one layer -> (rows local to what the layer can address, number of such rows).
-
-    UltraMemV2 layers read a window of one global table (global row ids): count within the window.
-    """
-    offset, window = getattr(layer, "offset", None), getattr(layer, "window", None)
-    if offset is not None and window is not None:
-        return indices - offset, window
-    return indices, layer.n_slots
-
-
 def memory_usage(run_dir: Path, n_batches: int) -> dict | None:
     """Coverage / KL of every memory layer of ``run_dir``'s export over ``n_batches`` validation batches.
 
@@ -181,7 +170,7 @@ def memory_usage(run_dir: Path, n_batches: int) -> dict | None:
             model(x.to(device))
             n_tokens += x.numel()
             for j, layer in enumerate(layers):
-                rows, n_rows = _layer_rows(layer, layer.last_indices)  # (B, T, heads, knn)
+                rows, n_rows = layer.local_slots(layer.last_indices)  # (B, T, heads, knn)
                 w = layer.last_weights.abs()  # (B, T, heads, knn)
                 c, cw = slot_counts(rows, n_rows), slot_counts(rows, n_rows, w)
                 counts[j] = c if counts[j] is None else counts[j] + c

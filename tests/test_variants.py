@@ -371,3 +371,17 @@ def test_kind_defaults_of_variants():
     assert ModelConfig(dim=64, memory=MemoryConfig(kind="peer")).value_dim == 64
     m = MemoryConfig(kind="ultramem_v2", layers=[0, 1, 2], n_keys=8)
     assert m.global_rows() == 3 * 64 and MemoryConfig(**{**m.__dict__, "window_stride": 16}).global_rows() == 96
+
+
+@pytest.mark.parametrize("name", ["ultramem_v2", "peer", "ultramem"])
+def test_local_slots_cover_what_each_layer_addresses(name):
+    """Usage statistics are taken over the slots a layer can address: UltraMemV2 layers over their window of the
+    global table (global row ids would cap each layer's used fraction at 1 / n_layers)."""
+    model = MemLM(variant_config(name))
+    model(torch.randint(0, 64, (2, 16)))
+    for layer in model.memory_layers:
+        rows, n = layer.local_slots(layer.last_indices)
+        assert n == (layer.window if name == "ultramem_v2" else layer.n_slots)
+        assert rows.min() >= 0 and rows.max() < n
+    if name == "ultramem_v2":
+        assert model.memory_layers[1].last_indices.min() >= model.memory_layers[1].offset > 0

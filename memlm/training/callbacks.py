@@ -60,10 +60,11 @@ class MemoryStats(L.Callback):
         for i, layer in enumerate(layers):
             if layer.last_indices is None:
                 continue
-            idx = layer.last_indices.reshape(-1)  # (B*T*heads*knn,)
+            idx, n = layer.local_slots(layer.last_indices)  # over the slots this layer addresses
+            idx = idx.reshape(-1)  # (B*T*heads*knn,)
             w = layer.last_weights.reshape(-1).abs().float()
-            c = torch.bincount(idx, minlength=layer.n_slots).float()
-            cw = torch.bincount(idx, weights=w, minlength=layer.n_slots).float()
+            c = torch.bincount(idx, minlength=n).float()
+            cw = torch.bincount(idx, weights=w, minlength=n).float()
             self.counts[i] = self.counts[i] + c if i in self.counts else c
             self.weighted[i] = self.weighted[i] + cw if i in self.weighted else cw
             self.top1.setdefault(i, []).append(float(layer.last_weights.max(-1).values.float().mean()))

@@ -35,6 +35,11 @@ class MemoryLayer(nn.Module):
     def value_table(self) -> nn.Module:
         raise NotImplementedError
 
+    def local_slots(self, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``last_indices`` -> (the same slots as ids in [0, n), n = the slots this layer can address): the space usage
+        statistics are taken over (UltraMemV2: its window of the global table)."""
+        return indices, self.n_slots
+
     def no_decay_parameters(self) -> list[nn.Parameter]:
         """Matrices of this layer kept out of weight decay (``MemLM.param_groups``; vectors never get it)."""
         return []

@@ -113,6 +113,9 @@ class UltraMemV2(MemoryLayer):
         scores, idx = self.keys.retrieve(self.query(x), self.knn)  # (..., heads, knn), window-local
         return scores, idx + self.offset
 
+    def local_slots(self, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return indices - self.offset, self.window  # global rows -> rows of this layer's window
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.input_dropout(x)
         q = self.query_dropout(self.query(h))  # (B, T, heads, k_dim)

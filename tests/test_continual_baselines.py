@@ -79,3 +79,13 @@ def test_full_finetuning_moves_everything():
     m.step(_batch(0))
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert len(moved) == len(list(model.named_parameters()))
+
+
+def test_dense_baselines_take_a_sparse_grad_checkpoint():
+    """A model configured with sparse value gradients (row-sparse pretraining) finetunes with torch's dense
+    optimizers: the baselines switch the layers to dense gradients instead of crashing in Adam."""
+    for method in ("memory_only", "full"):
+        model = MemLM(tiny_config(sparse_grad=True))
+        m = build_method(model, _cfg(method, optim={"lr": 1e-3}))
+        m.step(_batch(0))
+        assert all(not layer.cfg.sparse_grad for layer in model.memory_layers)

@@ -50,6 +50,13 @@ def test_kl_on_constructed_table():
     assert select_top_t(s, counts, 1).tolist() == [0]
 
 
+def test_select_top_t_breaks_ties_towards_lower_ids():
+    counts = torch.tensor([1.0, 2.0, 1.0, 1.0, 0.0, 1.0, 3.0])
+    scores = torch.tensor([0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # zero IDF: many equal scores
+    assert select_top_t(scores, counts, 3).tolist() == [0, 1, 2]  # 1 by score, then the two lowest accessed ids
+    assert select_top_t(scores, counts, 4).tolist() == [0, 1, 2, 3]
+
+
 def test_row_mask():
     m = row_mask(torch.tensor([1, 3]), 5)
     assert m.tolist() == [False, True, False, True, False]
@@ -165,3 +172,28 @@ def test_smf_rejects_too_large_t_and_dense_model():
     dense = MemLM(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=32))
     with pytest.raises(MethodError, match="no memory layers|has none"):
         SparseMemoryFinetuning(dense, FinetuneConfig(), None)
+
+
+@pytest.mark.parametrize("kind", ["peer", "ultramem_v2"])
+def test_smf_updates_every_table_a_slot_indexes(kind):
+    """PEER's input experts and UltraMemV2's pre-values are indexed by the same slot ids as the values: SMF selects
+    the same rows in each and updates them all (before: those tables never counted, so never moved)."""
+    extra = {"layers": [0, 1], "mode": "parallel", "window_stride": 32} if kind == "ultramem_v2" else {}
+    model = MemLM(tiny_config(kind=kind, **extra))
+    cfg = FinetuneConfig.from_dict({"method": "sparse_memory", "optim": {"name": "sgd", "lr": 2.0},
+                                    "smf": {"top_t": 6}})  # fmt: skip
+    tables = [t.weight for t in model.value_tables()]
+    assert len(tables) == 2
+    zero = [torch.zeros(w.shape[0], dtype=torch.int64) for w in tables]  # IDF = log(21): ranking by batch counts
+    stats = BackgroundStats(20, zero, [z.double() for z in zero], [z.clone() for z in zero[:1]] * 2, "", {})
+    smf = SparseMemoryFinetuning(model, cfg, stats)
+    before = [w.detach().clone() for w in tables]
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    smf.step(Batch(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)), valid, valid))
+    rows = smf.last_rows
+    assert rows[0].numel() == 6 and torch.equal(rows[0], rows[1])
+    for w, b in zip(tables, before):
+        moved = (w.detach() != b).any(dim=1)
+        assert moved.nonzero().squeeze(1).tolist() == rows[0].tolist()
+    s = smf.summary()
+    assert s["rows_updated"] == 12 and s["trainable_params_per_step"] == sum(6 * w[0].numel() for w in tables)

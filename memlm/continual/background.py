@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,11 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def table_of_layers(model) -> list[int]:
-    """For each memory layer, the index of the value table it reads in ``model.value_tables()``."""
+def table_of_layers(model) -> list[list[int]]:
+    """For each memory layer, the indices in ``model.value_tables()`` of every table its slot ids index: the value
+    table, plus PEER's input experts / UltraMemV2's pre-values (one row per slot, the same rows)."""
     ids = {id(t): k for k, t in enumerate(model.value_tables())}
-    return [ids[id(layer.value_table)] for layer in model.memory_layers]
+    return [[ids[id(t)] for t in layer.sparse_tables()] for layer in model.memory_layers]
 
 
 def layer_counts(model, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -65,8 +67,9 @@ def table_counts(model, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per value table: (rows,) float64 access counts of the last forward, summed over the layers that read it."""
     tables = model.value_tables()
     out = [torch.zeros(t.weight.shape[0], dtype=torch.float64, device=t.weight.device) for t in tables]
-    for k, c in zip(table_of_layers(model), layer_counts(model, mask)):
-        out[k] += c.to(out[k].device)
+    for ks, c in zip(table_of_layers(model), layer_counts(model, mask)):
+        for k in ks:
+            out[k] += c.to(out[k].device)
     return out
 
 
@@ -163,6 +166,9 @@ def compute_background(
     model.train(was_training)
     if seen == 0:
         raise BackgroundError("no background batches: the pretraining data gave no batch")
+    if seen < n_batches:
+        warnings.warn(f"SMF background: the pretraining data gave only {seen} of smf.background_batches="
+                      f"{n_batches} batches; the statistics use {seen}", stacklevel=2)  # fmt: skip
     return BackgroundStats(seen, df, counts, layer_df, wh, dict(settings or {}))
 
 

@@ -10,6 +10,8 @@ harness work unchanged; :meth:`LoRAFinetuning.final_model` merges the adapters i
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from memlm.config import FinetuneConfig
@@ -20,6 +22,9 @@ class _DenseMethod(FinetuneMethod):
     """A torch optimizer over the trainable parameters, with optional global-norm clipping."""
 
     def _setup_optimizer(self, params) -> None:
+        for layer in getattr(self.model, "memory_layers", []):  # torch's dense optimizers take no sparse gradients
+            if layer.cfg.sparse_grad:
+                layer.cfg = dataclasses.replace(layer.cfg, sparse_grad=False)  # a copy: shared configs stay untouched
         self.opt = dense_optimizer(params, self.cfg.optim)
 
     def update(self, batch) -> dict[str, float]:

@@ -58,11 +58,14 @@ def rank_scores(counts: torch.Tensor, stats: BackgroundStats, table: int, rankin
 
 
 def select_top_t(scores: torch.Tensor, counts: torch.Tensor, t: int) -> torch.Tensor:
-    """Sorted (<= t,) row ids: the t highest-scoring rows among those the batch accessed (ties -> lower id)."""
+    """Sorted (<= t,) row ids: the t highest-scoring rows among those the batch accessed (ties -> lower id).
+
+    Ties are common (e.g. every row the background read in all of its batches has IDF 0), so the order is made
+    explicit: a stable sort of the ascending candidates keeps lower ids first among equal scores."""
     cand = (counts > 0).nonzero().squeeze(1)  # (C,) ascending
     if cand.numel() > t:
-        top = torch.topk(scores[cand], t, sorted=False).indices  # (t,)
-        cand = cand[top]
+        order = torch.sort(scores[cand], descending=True, stable=True).indices[:t]  # (t,)
+        cand = cand[order]
     return cand.sort().values
 
 
@@ -100,6 +103,9 @@ class SparseMemoryFinetuning(FinetuneMethod):
         self.tables = [t.weight for t in model.value_tables()]
         if [w.shape[0] for w in self.tables] != [d.numel() for d in background.df]:
             raise ValueError("background statistics do not match the model's value tables")
+        dev = self.tables[0].device  # ranked every step: keep the background on the tables' device once
+        background.df = [d.to(dev) for d in background.df]
+        background.counts = [c.to(dev) for c in background.counts]
         freeze_all_but(model, self.tables)
         for layer in model.memory_layers:
             layer.record = True
@@ -133,7 +139,7 @@ class SparseMemoryFinetuning(FinetuneMethod):
                     sgd_rows_(w, r, g, self.cfg.optim.lr)
                 else:
                     self.opt.step_rows(w, r, g)
-            self.touched[k][rows] = True
+                self.touched[k][r] = True
             prev = self.prev[k]
             if prev is not None and rows.numel():
                 overlap += float(torch.isin(rows, prev).sum())
@@ -150,5 +156,7 @@ class SparseMemoryFinetuning(FinetuneMethod):
     def summary(self) -> dict[str, float]:
         n = sum(int(t.sum()) for t in self.touched)
         rows = sum(t.numel() for t in self.touched)
-        return {"trainable_params": sum(w.numel() for w in self.tables), "rows_updated": n,
-                "rows_updated_frac": n / rows if rows else math.nan}  # fmt: skip
+        per_step = sum(min(self.smf.top_t, w.shape[0]) * w[0].numel() for w in self.tables)
+        # trainable_params: the tables any step may update; per step at most top_t rows of each
+        return {"trainable_params": sum(w.numel() for w in self.tables), "trainable_params_per_step": per_step,
+                "rows_updated": n, "rows_updated_frac": n / rows if rows else math.nan}  # fmt: skip

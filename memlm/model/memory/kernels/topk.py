@@ -57,8 +57,10 @@ def _pack16(score, ident):
 def _unpack(key, KEY16: tl.constexpr):
     """key -> (fp32 score, int32 id); inverse of :func:`_pack` / :func:`_pack16`."""
     if KEY16:
-        return _unordered((key >> 16) << 16), 0xFFFF - (key & 0xFFFF)
-    return _unordered((key >> 32).to(tl.int32)), 0x7FFFFFFF - (key & 0x7FFFFFFF).to(tl.int32)
+        score, ident = _unordered((key >> 16) << 16), 0xFFFF - (key & 0xFFFF)
+    else:  # an else branch, not code after a return: Triton would still type-check that for int32 keys
+        score, ident = _unordered((key >> 32).to(tl.int32)), 0x7FFFFFFF - (key & 0x7FFFFFFF).to(tl.int32)
+    return score, ident
 
 
 if hasattr(tl, "topk"):

@@ -129,9 +129,9 @@ class _SearchWithSparseGrad(torch.autograd.Function):
 class ProductKeys(nn.Module):
     """``heads`` independent pairs of sub-key tables, each (n_keys, k_dim / 2).
 
-    With ``qk_norm`` the query halves and the sub-keys are RMS-normalized (no gain) and scores are divided by
-    sqrt(k_dim / 2): a cosine similarity scaled like attention logits, which keeps the scores' range independent of
-    the key norms (Memory+ "qk-norm").
+    With ``qk_norm`` the query halves and the sub-keys are RMS-normalized (no gain) and each half's dot product is
+    divided by sqrt(k_dim / 2): half score = sqrt(k_dim / 2) * cos, so a slot's score sqrt(k_dim / 2) (cos_1 + cos_2)
+    has a range set by k_dim alone, independent of the key norms (Memory+ "qk-norm").
     """
 
     def __init__(self, heads: int, n_keys: int, k_dim: int, qk_norm: bool = False) -> None:

@@ -105,6 +105,15 @@ def test_weight_decay_refused_on_row_sparse_group():
         RowSparseAdam([torch.nn.Parameter(torch.zeros(4, 2))], weight_decay=0.1)
 
 
+def test_fsdp_with_row_sparse_refused_at_config_time():
+    """Before a run starts (was: inside fit, after data preparation): one line naming both settings."""
+    from memlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="row_sparse_adam does not work with trainer.strategy=fsdp"):
+        load_run_config([ROOT / TINY], ["--optim.value_optimizer=row_sparse_adam", "--trainer.strategy=fsdp"])
+    load_run_config([ROOT / TINY], ["--trainer.strategy=fsdp"])  # dense AdamW under FSDP stays allowed
+
+
 @pytest.mark.parametrize("max_norm", [None, 0.5])
 def test_clip_with_sparse_grads_matches_dense(max_norm):
     _, _, gv, _ = _sparse_grads(0)  # uncoalesced, repeated rows

@@ -99,6 +99,12 @@ class RunConfig(_YamlMixin):
             seq <= self.model.max_seq_len,
             f"train.seq_len ({seq}) must be <= model.max_seq_len ({self.model.max_seq_len})",
         )
+        strategy = self.trainer.get("strategy")
+        _require(
+            not (isinstance(strategy, str) and strategy.startswith("fsdp") and self.optim.value_optimizer != "adamw"),
+            "optim.value_optimizer=row_sparse_adam does not work with trainer.strategy=fsdp (FSDP flattens the value "
+            "table's rows); use --optim.value_optimizer=adamw or another strategy",
+        )
 
     @property
     def seq_len(self) -> int:

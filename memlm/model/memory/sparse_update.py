@@ -38,6 +38,7 @@ def sgd_rows_(param: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor, 
 
 
 ADAM_IMPLS = ("auto", "triton", "torch", "reference")
+CPU_CHUNK_ELEMS = 2**20  # elements per gathered (rows, ...) chunk of the CPU Adam step: 4 MB per fp32 tensor
 
 
 def _bias_corrections(step: int | torch.Tensor, lr: float, beta1: float, beta2: float):
@@ -105,9 +106,6 @@ def adam_rows_(
         t = step[a : a + n_chunk] if isinstance(step, torch.Tensor) else step
         _adam_gathered_(param, rows[a : a + n_chunk], grad_rows[a : a + n_chunk], exp_avg, exp_avg_sq, t, lr, betas,
                         eps, fused)  # fmt: skip
-
-
-CPU_CHUNK_ELEMS = 2**20
 
 
 def _adam_gathered_(param, rows, grad_rows, exp_avg, exp_avg_sq, step, lr, betas, eps, fused: bool) -> None:

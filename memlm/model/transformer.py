@@ -257,12 +257,15 @@ class MemLM(nn.Module):
     # ---------------------------------------------------------------------------------------------- forward
     def _rope(self, positions: torch.Tensor | None, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape (B or 1, 1, T, hd/2) for explicit per-row positions or the range [start, start+T)."""
-        if positions is None:
-            positions = torch.arange(start, start + T, device=self.rope_cos.device).unsqueeze(0)  # (1, T)
-        need = int(positions.max()) + 1 if positions.numel() else 0
+        # the range's end is known on the host: no device sync (``positions.max()`` would stall every training step's
+        # forward until the previous step's kernels finish, and breaks torch.compile graphs)
+        need = start + T if positions is None else (int(positions.max()) + 1 if positions.numel() else 0)
         if need > self.rope_cos.shape[0]:  # extend the tables (e.g. long generation); rope extrapolates mechanically
             cos, sin = rope_tables(self.cfg.head_dim, max(need, 2 * self.rope_cos.shape[0]), self.cfg.rope_theta)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        if positions is None:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hd/2) views
+            return cos[None, None], sin[None, None]  # (1, 1, T, hd/2)
         return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd/2)
 
     def forward(

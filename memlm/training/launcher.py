@@ -190,7 +190,7 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
     summary = {
         "steps": trainer.global_step,
         "initial_val_loss": first_loss,
-        "train_loss": module.last_train_loss,
+        "train_loss": float(module.last_train_loss),
         "val_loss": float(val[0]["val/loss"]) if val else float("nan"),
         "tokens_per_s": throughput.tokens_per_s,
         "wall_s": None,

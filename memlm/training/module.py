@@ -25,7 +25,7 @@ class LMModule(L.LightningModule):
         self.run_cfg: RunConfig = from_dict(RunConfig, config)
         self.model = MemLM(self.run_cfg.model)
         self._compiled = None
-        self.last_train_loss = float("nan")
+        self.last_train_loss: torch.Tensor | float = float("nan")  # float() it where a number is needed
 
     @property
     def optim_cfg(self) -> OptimConfig:
@@ -42,7 +42,7 @@ class LMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self(x, y)
-        self.last_train_loss = float(loss.detach())
+        self.last_train_loss = loss.detach()  # a tensor: float() would sync the device between forward and backward
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.size(0))
         aux = [m.aux_loss for m in self.model.memory_layers if m.aux_loss is not None]
         if aux:

@@ -53,7 +53,7 @@ class MemoryStats(L.Callback):
         self.every = every
         self.counts: dict[int, torch.Tensor] = {}
         self.weighted: dict[int, torch.Tensor] = {}
-        self.top1: dict[int, list[float]] = {}
+        self.top1: dict[int, list[torch.Tensor]] = {}  # device scalars: read back only at flush (no per-step sync)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         layers = pl_module.model.memory_layers
@@ -67,7 +67,7 @@ class MemoryStats(L.Callback):
             cw = torch.bincount(idx, weights=w, minlength=n).float()
             self.counts[i] = self.counts[i] + c if i in self.counts else c
             self.weighted[i] = self.weighted[i] + cw if i in self.weighted else cw
-            self.top1.setdefault(i, []).append(float(layer.last_weights.max(-1).values.float().mean()))
+            self.top1.setdefault(i, []).append(layer.last_weights.max(-1).values.float().mean())
         if layers and trainer.global_step % self.every == 0 and self.counts:
             self.flush(trainer, pl_module)
 
@@ -75,7 +75,7 @@ class MemoryStats(L.Callback):
         out = {}
         for i, counts in self.counts.items():
             stats = counts_stats(counts.double().cpu(), self.weighted[i].double().cpu())
-            stats["top1_weight"] = sum(self.top1[i]) / len(self.top1[i])
+            stats["top1_weight"] = float(torch.stack(self.top1[i]).mean())
             out[i] = stats
             for k, v in stats.items():
                 pl_module.log(f"memory/layer{i}/{k}", float(v), on_step=True, on_epoch=False, rank_zero_only=True)

@@ -134,6 +134,7 @@ class UltraMem(MemoryLayer):
             return self._search_and_weigh(s_row, s_col)
 
     def _search_and_weigh(self, s_row: torch.Tensor, s_col: torch.Tensor):
+        """The exact signed search over the half scores, then each selected slot's per-core weight (see retrieve)."""
         core_sum = self.core.float().sum(1)  # (heads, r, r)
         with torch.no_grad():
             a = torch.einsum("...hnr,hr->...hn", s_row, self.svd_u)  # (..., heads, n_keys) rank-1 row marginal

@@ -86,7 +86,7 @@ def tune_lookup(args: argparse.Namespace) -> dict:
     gout = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)  # (T, D)
     out = {}
     for mode in ("dense", "sparse"):
-        settings = _grid(bwd_block_d=[256, 512, 1024], bwd_warps=[1, 2, 4])
+        settings = _grid(bwd_block_d=[256, 512, 1024], bwd_warps=[1, 2, 4], bwd_block_j=[1, 2, 4])
 
         def run(mode=mode):
             return lookup.lookup_backward(table, idx, w, gout, mode=mode)

@@ -103,6 +103,7 @@ def test_forward_matches_reference(kern, shape, dtype):
 def test_backward_matches_reference(kern, monkeypatch, shape, dtype, mode):
     mod, dev = kern
     monkeypatch.setitem(mod.CONFIG, "bwd_block_d", 64 if shape[1] > 64 else 1024)  # several column tiles, or one
+    monkeypatch.setitem(mod.CONFIG, "bwd_block_j", 2 ** (SHAPES.index(shape) % 3))  # 1, 2, 4 occurrences per step
     n, d = shape[:2]
     table, idx, w, gout = _inputs(*shape, dtype, dev)
     rows, gtab, gw = mod.lookup_backward(table, idx, w, gout, mode=mode)

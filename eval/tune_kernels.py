@@ -86,12 +86,14 @@ def tune_lookup(args: argparse.Namespace) -> dict:
     gout = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)  # (T, D)
     out = {}
     for mode in ("dense", "sparse"):
-        settings = _grid(bwd_block_d=[256, 512, 1024], bwd_warps=[1, 2, 4], bwd_block_j=[1, 2, 4])
+        settings = _grid(bwd_kernel=["rows"], bwd_block_d=[256, 512, 1024], bwd_warps=[1, 2, 4], bwd_block_j=[1, 2, 4])
+        settings += _grid(bwd_kernel=["ranges"], bwd_block_d=[256, 512], range_rows=[4, 8, 16],
+                          range_block_p=[8, 16, 32], range_warps=[2, 4, 8])  # fmt: skip
 
         def run(mode=mode):
             return lookup.lookup_backward(table, idx, w, gout, mode=mode)
 
-        def same(a, b):  # warps change the weight-gradient dot products' reduction tree: equal up to rounding
+        def same(a, b):  # warps / the pass change the reduction trees and orders: equal up to rounding
             return all(
                 (x is None and y is None) or torch.allclose(x.float(), y.float(), rtol=1e-2, atol=1e-3)
                 for x, y in zip(a, b)

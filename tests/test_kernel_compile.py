@@ -24,4 +24,4 @@ def test_all_kernels_compile_for_sm90():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     kernels = {line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("ok")}
     assert kernels == {"_fwd_kernel", "_bwd_rows_kernel", "_sum_chunks_kernel", "_bwd_bags_kernel", "_bwd_kernel",
-                       "_adam_rows_kernel"}  # fmt: skip
+                       "_adam_rows_kernel", "_bwd_ranges_kernel"}  # fmt: skip

@@ -97,11 +97,16 @@ def test_forward_matches_reference(kern, shape, dtype):
     torch.testing.assert_close(out.cpu().double(), ref, **_tol(dtype))
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse", "atomic"])
+BACKWARDS = [("dense", "rows"), ("sparse", "rows"), ("atomic", "rows"), ("dense", "ranges"), ("sparse", "ranges")]
+
+
+@pytest.mark.parametrize("mode,kernel", BACKWARDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_backward_matches_reference(kern, monkeypatch, shape, dtype, mode):
+def test_backward_matches_reference(kern, monkeypatch, shape, dtype, mode, kernel):
     mod, dev = kern
+    monkeypatch.setitem(mod.CONFIG, "bwd_kernel", kernel)  # the table-gradient pass (per row, or segment ranges)
+    monkeypatch.setitem(mod.CONFIG, "range_block_p", 4)  # several chunks per range: carries between chunks
     monkeypatch.setitem(mod.CONFIG, "bwd_block_d", 64 if shape[1] > 64 else 1024)  # several column tiles, or one
     monkeypatch.setitem(mod.CONFIG, "bwd_block_j", 2 ** (SHAPES.index(shape) % 3))  # 1, 2, 4 occurrences per step
     n, d = shape[:2]
@@ -160,12 +165,15 @@ def test_deterministic_bitwise(kern, mode):
     assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][2], grads[1][2])
 
 
+@pytest.mark.parametrize("kernel", ["rows", "ranges"])
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_heavy_rows_chunked_pass(kern, monkeypatch, mode, dtype):
+def test_heavy_rows_chunked_pass(kern, monkeypatch, mode, dtype, kernel):
     """Rows read more than CONFIG['bwd_cap'] times take the chunked path; same result, still deterministic."""
     mod, dev = kern
     monkeypatch.setitem(mod.CONFIG, "bwd_cap", 3)
+    monkeypatch.setitem(mod.CONFIG, "bwd_kernel", kernel)  # "ranges" compacts the heavy rows' positions out
+    monkeypatch.setitem(mod.CONFIG, "range_block_p", 4)
     table, idx, w, gout = _inputs(7, 100, (30,), 6, dtype, dev, seed=4)
     idx[:5, :] = 2  # one hot row next to rows just over the cap
     n, d = table.shape

@@ -65,6 +65,14 @@ def _lookup_case(args: argparse.Namespace, device: torch.device, bandwidth: floa
             ms[f"triton_fwd_bwd_{name}"] = maybe_oom(lambda fn=fn: time_ms(fn, device, **it))
             if args.profile and name != "atomic" and n == max(args.rows):
                 profile_kernels(fn, device, f"(a) Triton lookup fwd+bwd, {name} grad, {n} rows")
+        other = "ranges" if lookup.CONFIG["bwd_kernel"] == "rows" else "rows"  # the other table-gradient pass
+        saved = lookup.CONFIG["bwd_kernel"]
+        lookup.CONFIG["bwd_kernel"] = other
+        try:
+            fn = _fwd_bwd(lambda tb, ww: lookup.value_lookup(tb, idx, ww), table, w, gout)
+            ms[f"triton_fwd_bwd_dense_{other}_pass"] = maybe_oom(lambda: time_ms(fn, device, **it))
+        finally:
+            lookup.CONFIG["bwd_kernel"] = saved
     # stock PyTorch, bf16: embedding_bag forward (no bf16 CUDA backward with per-sample weights) + the gather path
     with torch.no_grad():
         ms["torch_bf16_embbag_fwd"] = maybe_oom(

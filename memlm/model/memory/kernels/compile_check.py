@@ -69,7 +69,7 @@ def _compile(kernel, args: tuple, kw: dict, arch: int) -> dict:
 
 def _cases() -> list[tuple[str, list, Callable[[], object]]]:
     """(name, kernels, run) per wrapper configuration; run calls the wrapper on small CPU tensors."""
-    from memlm.model.memory.kernels import adam_rows, lookup, topk
+    from memlm.model.memory.kernels import adam_rows, lookup, lookup_ranges, topk
 
     g = torch.Generator().manual_seed(0)
     cases = []
@@ -79,18 +79,21 @@ def _cases() -> list[tuple[str, list, Callable[[], object]]]:
         idx[:, :3] = 5  # a row read more often than bwd_cap (set below): the chunked pass launches too
         w = torch.rand(6, 8, generator=g)
         gout = torch.randn(6, 100, generator=g).to(dtype)
-        lk = [lookup._fwd_kernel, lookup._bwd_rows_kernel, lookup._sum_chunks_kernel, lookup._bwd_bags_kernel]
+        lk = [lookup._fwd_kernel, lookup._bwd_rows_kernel, lookup._sum_chunks_kernel, lookup._bwd_bags_kernel,
+              lookup_ranges._bwd_ranges_kernel]  # fmt: skip
         cases.append((f"lookup forward {dtype}", lk, lambda t=table, i=idx, w=w: lookup.lookup_forward(t, i, w)))
-        for mode in ("dense", "sparse", "atomic"):
+        for mode, kernel in (("dense", "rows"), ("sparse", "rows"), ("atomic", "rows"), ("dense", "ranges"),
+                             ("sparse", "ranges")):  # fmt: skip
 
-            def bwd(t=table, i=idx, w=w, go=gout, mode=mode):
-                cap, lookup.CONFIG["bwd_cap"] = lookup.CONFIG["bwd_cap"], 4
+            def bwd(t=table, i=idx, w=w, go=gout, mode=mode, kernel=kernel):
+                saved = dict(lookup.CONFIG)
+                lookup.CONFIG.update(bwd_cap=4, bwd_kernel=kernel)
                 try:
                     lookup.lookup_backward(t, i, w, go, mode=mode)
                 finally:
-                    lookup.CONFIG["bwd_cap"] = cap
+                    lookup.CONFIG.update(saved)
 
-            cases.append((f"lookup backward {mode} {dtype}", lk, bwd))
+            cases.append((f"lookup backward {mode} {kernel} {dtype}", lk, bwd))
     for dtype in (torch.bfloat16, torch.float32):
         s = torch.randn(5, 4, 2, 64, generator=g).to(dtype)  # (T, heads, 2, n_keys)
         tk = [topk._fwd_kernel, topk._bwd_kernel]

@@ -184,6 +184,10 @@ CONFIG = dict(
     bwd_cap=64,  # rows read more often than this go through the chunked pass
     chunk_block_j=8,  # occurrences per step in the chunked pass
     bwd_table_evict="evict_first",  # table rows read / gradient rows written once by the backward: stream them
+    bwd_kernel="rows",  # table-gradient pass: "rows" (one program per row) or "ranges" (experimental, lookup_ranges)
+    range_rows=8,  # "ranges": segments per program
+    range_block_p=16,  # "ranges": occurrences loaded at once
+    range_warps=4,
     table_evict="",  # L2 eviction hint for the forward's gathered rows ("" or "evict_first")
 )
 
@@ -344,8 +348,9 @@ def lookup_backward(
             seg_rows = sorted_rows  # unused: segment s is table row s
             # offsets[r] = first sorted position with row >= r; untouched rows get empty segments (zero gradient)
             seg_off = torch.searchsorted(sorted_rows, torch.arange(n + 1, device=dev, dtype=sorted_rows.dtype))
+            pos_seg = sorted_rows  # (L,) segment of each sorted position
         else:
-            seg_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)  # (U,), (U,)
+            seg_rows, pos_seg, counts = torch.unique_consecutive(sorted_rows, return_inverse=True, return_counts=True)
             seg_off = torch.zeros(seg_rows.numel() + 1, device=dev, dtype=torch.long)  # (U+1,)
             torch.cumsum(counts, 0, out=seg_off[1:])
             rows = seg_rows.long()
@@ -359,11 +364,19 @@ def lookup_backward(
             TAB_EVICT=CONFIG["bwd_table_evict"],
             num_warps=CONFIG["bwd_warps"],
         )
-        _bwd_rows_kernel[(n_seg, n_dt)](
-            table, go, w, perm, seg_rows, seg_off[:-1], seg_off[1:], gtab, gw_part, k, d, big_l, table.stride(0),
-            cap, ROW_IS_SEG=mode == "dense", EAGER_ROW=mode == "dense" and CONFIG["bwd_eager_row"],
-            BLOCK_J=CONFIG["bwd_block_j"], **common,
-        )  # fmt: skip
+        if CONFIG["bwd_kernel"] == "ranges":
+            from memlm.model.memory.kernels import lookup_ranges
+
+            lookup_ranges.table_grad_ranges(
+                table, go, w, perm, pos_seg, seg_rows, seg_off, gtab, gw_part, k, big_l, mode == "dense",
+                need_weights, bd, CONFIG,
+            )  # fmt: skip
+        else:
+            _bwd_rows_kernel[(n_seg, n_dt)](
+                table, go, w, perm, seg_rows, seg_off[:-1], seg_off[1:], gtab, gw_part, k, d, big_l, table.stride(0),
+                cap, ROW_IS_SEG=mode == "dense", EAGER_ROW=mode == "dense" and CONFIG["bwd_eager_row"],
+                BLOCK_J=CONFIG["bwd_block_j"], **common,
+            )  # fmt: skip
         _heavy_rows(table, go, w, perm, seg_rows, seg_off, gtab, gw_part, k, big_l, mode == "dense", common)
     if need_weights:
         gw_flat = gw_part[0] if n_dt == 1 else gw_part.sum(0)  # (L,) fixed-order sum over column tiles

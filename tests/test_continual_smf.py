@@ -197,3 +197,7 @@ def test_smf_updates_every_table_a_slot_indexes(kind):
         assert moved.nonzero().squeeze(1).tolist() == rows[0].tolist()
     s = smf.summary()
     assert s["rows_updated"] == 12 and s["trainable_params_per_step"] == sum(6 * w[0].numel() for w in tables)
+    # statistics counted before every table was counted (the companion table all zeros) are refused
+    stale = BackgroundStats(20, [torch.ones_like(zero[0]), zero[1]], [z.double() for z in zero], [], "h", {})
+    with pytest.raises(BackgroundError, match="recompute_background"):
+        stale.check(model, "h", {}, "stale.pt")

@@ -131,6 +131,12 @@ class BackgroundStats:
         rows = [t.weight.shape[0] for t in model.value_tables()]
         if [d.numel() for d in self.df] != rows:
             raise BackgroundError(f"background statistics {where} do not match the model's value tables {rows}")
+        for ks in table_of_layers(model):  # a layer's tables share its slot ids, so they share their counts
+            if any(not torch.equal(self.df[ks[0]], self.df[k]) for k in ks[1:]):
+                raise BackgroundError(
+                    f"background statistics {where} predate counting every table a slot indexes (PEER input experts, "
+                    f"UltraMemV2 pre-values): {hint}"
+                )
 
 
 @torch.no_grad()

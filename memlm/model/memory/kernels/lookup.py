@@ -8,6 +8,8 @@ gradient: unique rows + their gradient rows) sums ``w * grad_out[bag]`` over the
 and in the same pass computes ``grad_w[m, k] = <grad_out[m], table[idx[m, k]]>``, reading each touched table row
 once. Rows read more than ``CONFIG["bwd_cap"]`` times are split into chunks (fp32 partial rows, then summed in a
 fixed order), so one hot slot does not serialize the backward (costs one host sync per backward).
+``CONFIG["bwd_kernel"] = "ranges"`` swaps the per-row pass for the experimental range pass of :mod:`.lookup_ranges`
+(several rows per program, their occurrences loaded together, segmented scan).
 ``mode="atomic"`` (``deterministic=False``) is the alternative dense backward with fp32 atomics into an (N, D)
 buffer: order-dependent and, on H100, 2-3x slower than the sorted path; kept as a measured baseline.
 

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scaling_batch", type=int, default=None, help="(c) sequences per step (default 4 x 512 tokens)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 with --quick, else torch's)")
     p.add_argument("--profile", action="store_true", help="(a), (b), (e): print the top device kernels of each case")
+    p.add_argument("--compile", action="store_true", help="(b): torch.compile both models (as train.compile does)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--rounds", type=int, default=3, help="(b) interleaved timing rounds per case (median reported)")
     p.add_argument("--warmup", type=int, default=None)

@@ -34,7 +34,9 @@ class _TrainStep:
     """One full training step as the trainer runs it: forward, backward, separate dense / value clipping, optimizer
     step (``memlm.training.module.build_optimizer``: AdamW or AdamW + row-sparse values)."""
 
-    def __init__(self, cfg: ModelConfig, value_optimizer: str, device: torch.device, batch: int, seq: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, value_optimizer: str, device: torch.device, batch: int, seq: int, compile: bool = False
+    ) -> None:
         sparse = value_optimizer == "row_sparse_adam" and cfg.memory is not None
         if sparse:
             cfg = _with_memory(cfg, sparse_grad=True)
@@ -44,6 +46,7 @@ class _TrainStep:
         self.optim_cfg = OptimConfig(value_lr=1e-3, value_optimizer=value_optimizer)
         self.opt = build_optimizer(self.model, self.optim_cfg, fused=device.type == "cuda")
         self.device = device
+        self.net = torch.compile(self.model) if compile else self.model  # as train.compile does
         g = torch.Generator(device="cpu").manual_seed(0)
         seqs = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(device)  # (B, T+1)
         self.x, self.y = seqs[:, :-1], seqs[:, 1:]  # (B, T)
@@ -54,7 +57,7 @@ class _TrainStep:
     def forward_backward(self) -> None:
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            _, loss = self.model(self.x, self.y)
+            _, loss = self.net(self.x, self.y)
         loss.backward()
 
     def __call__(self) -> None:
@@ -71,7 +74,7 @@ class _TrainStep:
         return int(torch.cat(idx).unique().numel()) if idx else 0
 
     def close(self) -> None:
-        del self.model, self.opt, self.dense, self.values
+        del self.model, self.net, self.opt, self.dense, self.values
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -90,7 +93,7 @@ def section_tokens_per_s(args: argparse.Namespace, device: torch.device, bandwid
              ("memory_plus", mem_cfg, "row_sparse_adam")]  # fmt: skip
     lines = []
     it = dict(warmup=args.warmup, iters=args.iters)
-    steps = [_TrainStep(c, opt, device, batch, seq) for _, c, opt in cases]
+    steps = [_TrainStep(c, opt, device, batch, seq, compile=args.compile) for _, c, opt in cases]
     fb_ms, step_ms = [[] for _ in cases], [[] for _ in cases]
     for _ in range(args.rounds):  # cases interleaved round by round: slow drifts of the machine hit all of them
         for i, step in enumerate(steps):
@@ -113,12 +116,14 @@ def section_tokens_per_s(args: argparse.Namespace, device: torch.device, bandwid
                       fl / 1e6, info[r["model"]]["total_params"] / 1e6])  # fmt: skip
     print_table(
         f"(b) training tokens/s, {batch} x {seq} tokens per step, "
-        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; dense baseline = dense_matched_config "
+        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}{', torch.compile' if args.compile else ''}; "
+        "dense baseline = dense_matched_config "
         f"(ffn_hidden {dense_cfg.hidden_dim}, equal forward FLOPs/token)",
         ["model", "optimizer", "fwd+bwd ms", "step ms", "tokens/s", "x dense", "MFLOP/token", "params M"],
         lines,
     )
-    return dict(batch=batch, seq_len=seq, configs=info, dense_ffn_hidden=dense_cfg.hidden_dim, results=rows)
+    return dict(batch=batch, seq_len=seq, compile=args.compile, configs=info, dense_ffn_hidden=dense_cfg.hidden_dim,
+                results=rows)  # fmt: skip
 
 
 def section_slot_scaling(args: argparse.Namespace, device: torch.device, bandwidth: float) -> dict:

@@ -373,7 +373,7 @@ def test_fused_adam_rows_matches_reference(kern, case):
     p_ref, m_ref, v_ref = init.clone(), torch.zeros(n, *trailing), torch.zeros(n, *trailing)
     p, m, v = init.clone().to(dev), m_ref.clone().to(dev), v_ref.clone().to(dev)
     counts = torch.zeros(n, dtype=torch.long)
-    lr, betas, eps = 1e-2, (0.9, 0.99), 1e-8
+    lr, betas, eps = 1e-2, ((0.9, 0.999) if per_row else (0.9, 0.99)), 1e-8
     for step in range(1, 4):
         rows = torch.randperm(n, generator=gen)[: n // 2]  # unique, unsorted
         g = torch.randn(rows.numel(), *trailing, generator=gen)
@@ -393,6 +393,8 @@ def test_fused_adam_rows_matches_reference(kern, case):
         other[rows] = False
         for after, old in zip((p, m, v), before):
             assert torch.equal(after.cpu()[other], old[other])  # untouched rows: bitwise unchanged
+    empty = torch.zeros(0, dtype=torch.long, device=dev)
+    kernels.fused_adam_rows(p, empty, torch.zeros(0, *trailing, device=dev), m, v, 1e-2, 1.0, *betas, eps)  # U = 0
 
 
 @needs_cuda

@@ -130,3 +130,41 @@ def test_adam_rows_impl_errors():
     with pytest.raises(RuntimeError, match="needs Triton"):  # CPU tensors: the fused kernel cannot run
         adam_rows_(p, rows, g, m, v, 1, lr=0.1, impl="triton")
     assert p.eq(0).all() and m.eq(0).all()  # nothing was half-written
+
+
+def test_bf16_table_resume_keeps_fp32_moments_exactly():
+    """torch's load_state_dict casts state to the parameter's dtype; a bf16 table's fp32 moments come back exact."""
+    import copy
+
+    gen = torch.Generator().manual_seed(4)
+
+    def grad(t):
+        rows = torch.tensor([1, 3 + t % 4])
+        return torch.sparse_coo_tensor(rows[None], torch.randn(2, 6, generator=gen), (10, 6)).coalesce()
+
+    def run(split):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 60).view(10, 6).to(torch.bfloat16))
+        opt = RowSparseAdam([p], lr=0.1)
+        for t in range(1, 6):
+            if t == split:
+                sd = copy.deepcopy(opt.state_dict())
+                opt = RowSparseAdam([p], lr=0.1)
+                opt.load_state_dict(sd)
+                assert opt.state[p]["exp_avg"].dtype == torch.float32
+                assert torch.equal(opt.state[p]["exp_avg_sq"], sd["state"][0]["exp_avg_sq"])
+            p.grad = grad(t).to(torch.bfloat16)
+            opt.step()
+        return p.detach()
+
+    gen.manual_seed(4)
+    a = run(None)
+    gen.manual_seed(4)
+    assert torch.equal(a, run(3))
+
+
+def test_adam_rows_step_shape_checked_and_empty_rows():
+    p, m, v = torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, 2)
+    with pytest.raises(ValueError, match="per-row step counts"):
+        adam_rows_(p, torch.tensor([1, 2]), torch.ones(2, 2), m, v, torch.tensor(3), lr=0.1)
+    adam_rows_(p, torch.zeros(0, dtype=torch.long), torch.zeros(0, 2), m, v, 1, lr=0.1)  # nothing read: no-op
+    assert p.eq(0).all() and m.eq(0).all()

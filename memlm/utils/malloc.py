@@ -34,4 +34,7 @@ def keep_freed_memory_in_heap() -> bool:
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _THRESHOLD))
+    # older glibc caps the mmap threshold at HEAP_MAX_SIZE / 2 (32 MiB on 64-bit): fall back to that cap
+    mmap_ok = bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)) or bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20))
+    trim_ok = bool(mallopt(_M_TRIM_THRESHOLD, _THRESHOLD))
+    return mmap_ok and trim_ok

@@ -80,6 +80,9 @@ def adam_rows_(
     _check_rows(param, rows, grad_rows)
     if impl not in ADAM_IMPLS:
         raise ValueError(f"adam_rows_: impl must be one of {ADAM_IMPLS}, got {impl!r}")
+    if isinstance(step, torch.Tensor) and step.shape != rows.shape:
+        raise ValueError(f"adam_rows_: per-row step counts must be shaped like rows {tuple(rows.shape)}, "
+                         f"got {tuple(step.shape)}; pass an int for a global step")  # fmt: skip
     beta1, beta2 = betas
     if impl in ("auto", "triton"):
         from memlm.model.memory import kernels
@@ -116,7 +119,7 @@ def _adam_gathered_(param, rows, grad_rows, exp_avg, exp_avg_sq, step, lr, betas
     v = exp_avg_sq.index_select(0, rows)  # (U, ...)
     p = param.index_select(0, rows).to(torch.float32)  # (U, ...) a copy even for fp32 params
     if fused:  # torch's fused Adam (CPU / CUDA): one pass over the gathered rows instead of ~9 elementwise ops
-        t = torch.tensor(float(step), device=p.device)
+        t = torch.full((), float(step), device=p.device)  # a fill, not a host copy (which would sync a GPU)
         torch._fused_adam_(
             [p], [g], [m], [v], [], [t], lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False,
             maximize=False,
@@ -205,6 +208,19 @@ class RowSparseAdam(torch.optim.Optimizer):
             group.setdefault("weight_decay", 0.0)
             group.setdefault("row_sparse", True)
             group.setdefault("fused", False)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, which casts every state tensor to its parameter's dtype. The
+        row-sparse groups' moments are fp32 whatever the table's dtype (bf16 tables): they are restored exactly,
+        from the saved fp32 tensors, not from that lossy cast."""
+        moments = {pid: {k: v for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")}
+                   for pid, st in state_dict["state"].items()}  # fmt: skip
+        super().load_state_dict(state_dict)
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):  # torch maps ids in this order
+            if group["row_sparse"]:
+                for pid, p in zip(saved["params"], group["params"]):
+                    for key, v in moments.get(pid, {}).items():
+                        self.state[p][key] = v.to(device=p.device, dtype=torch.float32)
 
     def _state(self, param: torch.Tensor, per_row_step: bool) -> dict:
         st = self.state[param]

@@ -95,6 +95,8 @@ def fused_adam_rows(param, rows, grad_rows, exp_avg, exp_avg_sq, step_size, bc2_
     from memlm.model.memory.kernels import adam_rows
 
     n, u = param.shape[0], rows.numel()
+    if u == 0:  # nothing read this step (reshape(0, -1) below would be ambiguous)
+        return
     adam_rows.adam_rows(
         param.view(n, -1), rows, grad_rows.reshape(u, -1), exp_avg.view(n, -1), exp_avg_sq.view(n, -1),
         step_size, bc2_sqrt, beta1, beta2, eps,

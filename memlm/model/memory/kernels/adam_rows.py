@@ -21,7 +21,7 @@ import triton.language as tl
 def _adam_rows_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, rows_ptr, step_size_ptr, bc2_sqrt_ptr,
     U, D, stride_p, stride_g, stride_s,
-    step_size, bc2_sqrt, beta1, beta2, eps,
+    step_size, bc2_sqrt, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (BLOCK_R touched rows, BLOCK_D columns)."""
@@ -36,15 +36,16 @@ def _adam_rows_kernel(
     m = tl.load(m_ptr + s_off, mask=mask, other=0.0)
     v = tl.load(v_ptr + s_off, mask=mask, other=0.0)
     p = tl.load(p_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
-    m = m + (1.0 - beta1) * (g - m)  # torch.lerp's formula for weight < 0.5
-    v = v * beta2 + (1.0 - beta2) * g * g
+    # 1 - beta comes from the host: 1 - fp32(0.999) would differ from torch's fp32(1 - 0.999) by 1.3e-5 relative
+    m = m + one_minus_beta1 * (g - m)  # torch.lerp's formula for weight < 0.5
+    v = v * beta2 + one_minus_beta2 * g * g
     if PER_ROW:
         lr_t = tl.load(step_size_ptr + r, mask=rmask, other=0.0)[:, None]  # (BLOCK_R, 1) lr / bc1 of each row
         bc2 = tl.load(bc2_sqrt_ptr + r, mask=rmask, other=1.0)[:, None]
     else:
         lr_t = step_size
         bc2 = bc2_sqrt
-    p = p - lr_t * (m / (tl.sqrt(v) / bc2 + eps))
+    p = p - lr_t * tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), bc2) + eps)  # IEEE-rounded, as torch (not approximate)
     tl.store(m_ptr + s_off, m, mask=mask)
     tl.store(v_ptr + s_off, v, mask=mask)
     tl.store(p_ptr + p_off, p.to(p_ptr.dtype.element_ty), mask=mask)
@@ -79,6 +80,8 @@ def adam_rows(
     u, d = grad_rows.shape
     if u == 0:
         return
+    if rows.shape != (u,):
+        raise ValueError(f"adam_rows: rows must be ({u},), got {tuple(rows.shape)}")
     grad_rows = grad_rows if grad_rows.stride(1) == 1 else grad_rows.contiguous()
     rows = rows.contiguous()
     per_row = isinstance(step_size, torch.Tensor)
@@ -94,6 +97,6 @@ def adam_rows(
     _adam_rows_kernel[grid](
         param, grad_rows, exp_avg, exp_avg_sq, rows, ss_t, bc_t,
         u, d, param.stride(0), grad_rows.stride(0), exp_avg.stride(0),
-        ss, bc, beta1, beta2, eps,
+        ss, bc, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
         PER_ROW=per_row, BLOCK_R=br, BLOCK_D=bd, num_warps=CONFIG["warps"],
     )  # fmt: skip

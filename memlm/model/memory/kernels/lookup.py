@@ -107,7 +107,7 @@ def _bwd_rows_kernel(
                     acc += tl.sum(g * wj[:, None], axis=0)
                 if NEED_GW:
                     gw = tl.sum(g * trow[None, :], axis=1)  # (BLOCK_J,) partial dot over this column tile
-                    tl.store(gw_ptr + pd * L + pos, gw, mask=jmask)
+                    tl.store(gw_ptr + pd.to(tl.int64) * L + pos, gw, mask=jmask)
         if NEED_GT:
             tl.store(out_ptr + seg * D + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask, eviction_policy=TAB_EVICT)
 
@@ -158,7 +158,7 @@ def _bwd_bags_kernel(
         if NEED_GW:
             vals = tl.load(table_ptr + rows[:, None] * stride_t + cols[None, :], mask=m2, other=0.0)  # (BLOCK_K, BD)
             gw = tl.sum(vals.to(tl.float32) * g[None, :], axis=1)  # (BLOCK_K,)
-            tl.store(gw_ptr + pd * L + bag * K + ks, gw, mask=kmask)
+            tl.store(gw_ptr + pd.to(tl.int64) * L + bag * K + ks, gw, mask=kmask)
         if NEED_GT:
             wk = tl.load(w_ptr + bag * K + ks, mask=kmask, other=0.0).to(tl.float32)  # (BLOCK_K,)
             tl.atomic_add(

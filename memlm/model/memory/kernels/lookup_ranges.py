@@ -78,7 +78,7 @@ def _bwd_ranges_kernel(
             else:
                 row = tl.load(seg_row_ptr + seg, mask=jmask, other=0).to(tl.int64)
             trow = tl.load(table_ptr + row[:, None] * stride_t + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            tl.store(gw_ptr + pd * L + pos, tl.sum(g * trow, axis=1), mask=jmask)
+            tl.store(gw_ptr + pd.to(tl.int64) * L + pos, tl.sum(g * trow, axis=1), mask=jmask)
 
 
 def light_positions(

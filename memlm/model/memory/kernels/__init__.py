@@ -32,7 +32,7 @@ def available(table: torch.Tensor) -> bool:
 
 def adam_rows_available(param: torch.Tensor) -> bool:
     """Whether the fused row-sparse Adam step can run on this parameter (CUDA, Triton, contiguous float table)."""
-    return available(param) and param.dim() >= 1 and param.is_contiguous()
+    return available(param) and param.is_contiguous()
 
 
 def topk_available(x: torch.Tensor, n_keys: int, knn: int) -> bool:

@@ -21,7 +21,7 @@ import triton.language as tl
 def _adam_rows_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, rows_ptr, step_size_ptr, bc2_sqrt_ptr,
     U, D, stride_p, stride_g, stride_s,
-    step_size, bc2_sqrt, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
     PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (BLOCK_R touched rows, BLOCK_D columns)."""
@@ -97,6 +97,6 @@ def adam_rows(
     _adam_rows_kernel[grid](
         param, grad_rows, exp_avg, exp_avg_sq, rows, ss_t, bc_t,
         u, d, param.stride(0), grad_rows.stride(0), exp_avg.stride(0),
-        ss, bc, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+        ss, bc, 1.0 - beta1, beta2, 1.0 - beta2, eps,
         PER_ROW=per_row, BLOCK_R=br, BLOCK_D=bd, num_warps=CONFIG["warps"],
     )  # fmt: skip

@@ -62,6 +62,9 @@ class TrainConfig(_YamlMixin):
     checkpoint_every: int = 200  # Lightning checkpoint (last.ckpt) every N steps
     export: bool = True  # write an export dir (safetensors + config + tokenizer) at the end
     probe_facts: int = 200  # pretraining facts probed for recall at the end (0 = skip)
+    # off a terminal (and always in <run_dir>/progress.log): one progress line every N steps or S seconds
+    progress_every: int = 100
+    progress_seconds: float = 30.0
     # a NaN/inf loss or gradient: stop the run naming the step (exit code 2), or skip that optimizer step
     on_nonfinite: Literal["stop", "skip"] = "stop"
 
@@ -69,6 +72,7 @@ class TrainConfig(_YamlMixin):
         _require(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
         _require(self.seq_len is None or self.seq_len > 1, f"train.seq_len must be > 1, got {self.seq_len}")
         _require(self.stats_every > 0 and self.checkpoint_every > 0, "train.stats_every/checkpoint_every must be > 0")
+        _require(self.progress_every > 0 and self.progress_seconds > 0, "train.progress_every/seconds must be > 0")
 
 
 def _default_trainer() -> dict[str, Any]:

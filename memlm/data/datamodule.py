@@ -19,13 +19,13 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from memlm.config import DataConfig
 from memlm.data.cache import atomic_write_json, cache_root, sha256_json
 from memlm.data.corpus import Corpus, build_corpus
 from memlm.data.errors import DataError, log
 from memlm.data.tokenizer import Tokenizer
+from memlm.utils.progress import LoopProgress
 
 FORMAT_VERSION = 1
 
@@ -36,9 +36,11 @@ def get_tokenizer(cfg: DataConfig, corpus: Corpus | None = None) -> Tokenizer:
     if t.path:
         return Tokenizer.load(t.path)
     corpus = corpus if corpus is not None else build_corpus(cfg)
-    return Tokenizer.train(corpus.documents, t.vocab_size, t.model_type, cache_dir=cfg.cache_dir,
-                           corpus_hash=corpus.hash, input_sentence_size=t.input_sentence_size,
-                           character_coverage=t.character_coverage)  # fmt: skip
+    tok = Tokenizer.train(corpus.documents, t.vocab_size, t.model_type, cache_dir=cfg.cache_dir,
+                          corpus_hash=corpus.hash, input_sentence_size=t.input_sentence_size,
+                          character_coverage=t.character_coverage)  # fmt: skip
+    log.info("tokenizer ready: vocab %d, sha256 %s", tok.vocab_size, tok.hash[:12])
+    return tok
 
 
 def in_val(doc: str, val_fraction: float, seed: int) -> bool:
@@ -71,7 +73,7 @@ def _write_stream(path: Path, docs: list[str], tok: Tokenizer, dtype: np.dtype, 
     """Encode ``docs`` in batches into ``path`` (via a temp file); returns the number of tokens."""
     tmp = path.with_suffix(".tmp")
     n = 0
-    with open(tmp, "wb") as f, tqdm(total=len(docs), desc=desc, unit="doc", leave=False) as bar:
+    with open(tmp, "wb") as f, LoopProgress(len(docs), desc, unit="doc") as bar:
         for start in range(0, len(docs), 2048):
             batch = docs[start : start + 2048]
             ids = tok.encode_batch(batch, bos=True, eos=True)
@@ -86,6 +88,7 @@ def _write_stream(path: Path, docs: list[str], tok: Tokenizer, dtype: np.dtype, 
 def prepare_tokens(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Path:
     """Build (or find) the packed token files of ``cfg``; returns their directory. A cache hit does no encoding."""
     corpus = build_corpus(cfg)
+    log.info("corpus: %d documents, %.2f MB, hash %s", len(corpus), corpus.n_bytes / 1e6, corpus.hash[:12])
     tok = tokenizer or get_tokenizer(cfg, corpus)
     settings = {"corpus": corpus.hash, "tokenizer": tok.hash, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
                 "format": FORMAT_VERSION}  # fmt: skip

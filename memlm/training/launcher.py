@@ -140,8 +140,10 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
     from memlm.training.callbacks import LossRecorder, MemoryStats, SaveOnInterrupt, Throughput
     from memlm.training.module import LMModule
     from memlm.training.probes import fact_recall
+    from memlm.training.progress import progress_callbacks, setup_console
 
     t_start = time.perf_counter()
+    setup_console()  # data preparation messages (fetch, corpus, tokenizer) are shown; Lightning's noise is not
     from memlm.training.reliability import NonFiniteGuard, RNGState, RunStamp, clean_checkpoint_dir
     from memlm.utils.atomic import atomic_write_text
 
@@ -180,6 +182,7 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
         NonFiniteGuard(cfg.train.on_nonfinite),
         RNGState(),
         RunStamp(tokenizer.hash),
+        *progress_callbacks(run_dir, cfg.trainer, cfg.train.progress_every, cfg.train.progress_seconds),
     ]
     trainer = L.Trainer(logger=logger, callbacks=callbacks, **_trainer_kwargs(cfg, run_dir))
     first_loss = _initial_val_loss(module, dm)

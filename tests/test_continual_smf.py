@@ -91,6 +91,26 @@ def test_background_counts_and_hash(tmp_path):
         back.check(model, wh, {"k": 2}, "x")
 
 
+def test_sequence_df_counts_each_sequence_once():
+    from memlm.continual.background import table_seq_df
+
+    model = MemLM(tiny_config())
+    stats = compute_background(model, _batches(4), n_batches=4, wh="h", progress=False)
+    assert stats.n_seqs == 4 * 3 and int(stats.seq_df[0].max()) <= 12
+    assert torch.all(stats.seq_df[0] >= stats.df[0])  # a row read in a batch was read in >= 1 of its sequences
+    x = torch.randint(0, 64, (3, 8))
+    model(x)
+    idx = model.memory_layers[0].last_indices  # (3, 8, heads, knn)
+    want = torch.zeros(model.value_tables()[0].weight.shape[0], dtype=torch.int64)
+    for b in range(3):
+        want[idx[b].reshape(-1).unique()] += 1
+    assert torch.equal(table_seq_df(model)[0], want)
+    assert stats.doc_freq(0, "sequence")[1] == 12 and stats.doc_freq(0, "batch")[1] == 4
+    old = BackgroundStats(4, stats.df, stats.counts, stats.layer_df, "h", {})  # a format-1 file: no sequence counts
+    with pytest.raises(BackgroundError, match="recompute_background"):
+        old.doc_freq(0, "sequence")
+
+
 def test_answer_only_counts_respect_mask():
     model = MemLM(tiny_config())
     x = torch.randint(0, 64, (2, 6))
@@ -113,11 +133,12 @@ def _random_stats(model, seed):
     n = 20
     df = [torch.randint(0, n + 1, (t.weight.shape[0],), generator=g) for t in tables]
     counts = [d.double() * 3 for d in df]
-    return BackgroundStats(n, df, counts, [df[0]], weights_hash(model), {})
+    seq_df = [torch.randint(0, 4 * n + 1, (t.weight.shape[0],), generator=g) for t in tables]
+    return BackgroundStats(n, df, counts, [df[0]], weights_hash(model), {}, seq_df, 4 * n)
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adam"])
-@pytest.mark.parametrize("ranking", ["tfidf", "kl"])
+@pytest.mark.parametrize("ranking", ["tfidf", "tfidf_seq", "kl", "tf"])
 @pytest.mark.parametrize("sparse_grad", [False, True])
 def test_smf_only_selected_rows_move(optim, ranking, sparse_grad):
     """Property test over random models, batches and several steps: after each step, value rows outside the step's
@@ -126,8 +147,10 @@ def test_smf_only_selected_rows_move(optim, ranking, sparse_grad):
         torch.manual_seed(seed)
         model = MemLM(tiny_config(sparse_grad=sparse_grad))
         lr = 2.0 if optim == "sgd" else 1e-2
+        unit = "sequence" if ranking.endswith("_seq") else "batch"
         cfg = FinetuneConfig.from_dict({"method": "sparse_memory", "optim": {"name": optim, "lr": lr},
-                                        "smf": {"top_t": 5 + 3 * seed, "ranking": ranking}})  # fmt: skip
+                                        "smf": {"top_t": 5 + 3 * seed, "ranking": ranking.removesuffix("_seq"),
+                                                "df_unit": unit}})  # fmt: skip
         smf = SparseMemoryFinetuning(model, cfg, _random_stats(model, seed))
         values = model.value_tables()[0].weight
         ever = torch.zeros(values.shape[0], dtype=torch.bool)
@@ -144,6 +167,12 @@ def test_smf_only_selected_rows_move(optim, ranking, sparse_grad):
             rows = smf.last_rows[0]
             assert 0 < rows.numel() <= cfg.smf.top_t and logs["smf/selected"] == rows.numel()
             assert 0 < logs["smf/access_coverage"] <= 1 and 0 <= logs["smf/overlap_prev"] <= 1
+            assert logs["smf/rows_read"] >= rows.numel() >= logs["smf/selected_zero_score"] >= 0
+            assert logs["smf/rel_change"] > 0 and logs["smf/rel_change_median_row"] > 0
+            # all-token counting (answer_only false): padding positions read slots but are never counted
+            counted = table_counts(model, valid)[0]
+            assert logs["smf/rows_read"] == float((counted > 0).sum())
+            assert counted.sum() == valid.sum() * model.memory_layers[0].heads * model.memory_layers[0].knn
             sel = row_mask(rows, values.shape[0])
             ever |= sel
             after = model.state_dict()

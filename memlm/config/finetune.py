@@ -11,6 +11,7 @@ from memlm.config.data import DataConfig
 from memlm.config.run import _merge_layers
 
 FinetuneMethod = Literal["sparse_memory", "full", "lora", "memory_only"]
+METHODS: tuple[str, ...] = ("sparse_memory", "full", "lora", "memory_only")
 # optimizer and lr of each method when the config leaves them unset (SMF paper: SGD, lr 2.0, no weight decay)
 METHOD_OPTIM_DEFAULTS: dict[str, tuple[str, float]] = {
     "sparse_memory": ("sgd", 2.0),
@@ -18,6 +19,9 @@ METHOD_OPTIM_DEFAULTS: dict[str, tuple[str, float]] = {
     "lora": ("adamw", 1e-3),
     "memory_only": ("adam", 1e-3),
 }
+# the lr when the optimizer is named but the lr is not. SMF + Adam: Adam's first step on a row moves every coordinate by
+# ~lr whatever the gradient, so its lr must be small next to the values' own scale or one step overwrites the row.
+OPTIM_LR_DEFAULTS: dict[tuple[str, str], float] = {("sparse_memory", "adam"): 1e-3}
 
 
 @dataclass
@@ -47,9 +51,12 @@ class SMFConfig(_YamlMixin):
     """Sparse memory finetuning (Lin et al. 2025): background document frequencies and per-batch top-t slots."""
 
     top_t: int = 500  # value rows trainable per step (per value table)
-    ranking: Literal["tfidf", "kl"] = "tfidf"
-    answer_only: bool = False  # count slot accesses only at answer tokens
-    background_batches: int = 200  # pretraining batches the background statistics are counted over
+    ranking: Literal["tfidf", "kl", "tf"] = "tfidf"  # tf: raw counts (the paper's TF-only ablation)
+    answer_only: bool = False  # count slot accesses only at answer tokens (the paper: all non-padding tokens)
+    # document frequency per background batch (the paper) or per background sequence: at small scale a batch reads
+    # a large part of the table, so batch df saturates (IDF 0 for every common slot); sequence df stays informative
+    df_unit: Literal["batch", "sequence"] = "batch"
+    background_batches: int = 1000  # pretraining batches the background statistics are counted over (the paper: 1,000)
     background_batch_size: int = 16
     background_seq_len: int | None = None  # None -> model.max_seq_len
     background_data: DataConfig | None = None  # None -> the checkpoint's own pretraining data config
@@ -100,8 +107,16 @@ class StreamConfig(_YamlMixin):
         ]
     )
     seed: int = 0
+    # mixed: batches of train.batch_size texts drawn from the whole stage (facts mixed), train.steps_per_stage steps;
+    # paraphrase: the paper's fact setting -- one fact per step, the batch = `paraphrases` distinct texts of that fact
+    # (memlm.continual.paraphrase), `steps_per_fact` steps per fact, facts in sequence (templates / repetitions unused)
+    mode: Literal["mixed", "paraphrase"] = "mixed"
+    paraphrases: int = 64
+    steps_per_fact: int = 1
 
     def __post_init__(self) -> None:
+        _require(self.paraphrases > 0, f"stream.paraphrases must be > 0, got {self.paraphrases}")
+        _require(self.steps_per_fact > 0, f"stream.steps_per_fact must be > 0, got {self.steps_per_fact}")
         _require(self.stages > 0, f"stream.stages must be > 0, got {self.stages}")
         _require(self.facts_per_stage > 0, f"stream.facts_per_stage must be > 0, got {self.facts_per_stage}")
         _require(self.repetitions > 0, f"stream.repetitions must be > 0, got {self.repetitions}")
@@ -163,11 +178,14 @@ class FinetuneConfig(_YamlMixin):
     eval: FTEvalConfig = field(default_factory=FTEvalConfig)
     out_dir: str = "runs/continual"
     name: str | None = None  # None -> the method name
+    save_model: bool = True  # write the finetuned model (export format, memlm.load_pretrained) to <run>/export
 
     def __post_init__(self) -> None:
         name, lr = METHOD_OPTIM_DEFAULTS[self.method]
         if self.optim.name is None:
             self.optim.name = name
+        elif self.optim.name != name:
+            lr = OPTIM_LR_DEFAULTS.get((self.method, self.optim.name), lr)
         if self.optim.lr is None:
             self.optim.lr = lr
         if self.method == "sparse_memory":

@@ -2,9 +2,11 @@
 Finetuning").
 
 The pretrained model is run over ``B`` batches of its pretraining data; for every memory slot we record its
-*document frequency* ``df(i)`` — in how many of those batches it was accessed (any token, head or top-k position) —
-and its total access count (the background distribution of the KL ranking). Statistics are kept per value table (what
-SMF ranks and updates; Memory+ layers share one table) and per memory layer (for inspection).
+*document frequency* ``df(i)`` — in how many of those batches it was accessed (any token, head or top-k position;
+the paper's unit) and in how many of the batches' sequences (``seq_df``, the finer unit for small models whose batch
+reads much of the table) — and its total access count (the background distribution of the KL ranking). Statistics
+are kept per value table (what SMF ranks and updates; Memory+ layers share one table) and per memory layer (for
+inspection).
 
 The statistics are saved beside the checkpoint with a sha256 of its weights and the settings they were counted with,
 reused by later runs, and recomputed only when asked: statistics of another checkpoint are refused.
@@ -24,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 FILE_NAME = "smf_background.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: + per-sequence document frequencies
 
 
 class BackgroundError(ValueError):
@@ -63,6 +65,26 @@ def layer_counts(model, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     return out
 
 
+def table_seq_df(model) -> list[torch.Tensor]:
+    """Per value table: (rows,) int64 — in how many sequences of the last forward each row was read (by any layer
+    that indexes the table, any position, head or top-k)."""
+    tables = model.value_tables()
+    ids: list[list[torch.Tensor]] = [[] for _ in tables]
+    for ks, layer in zip(table_of_layers(model), model.memory_layers):
+        idx = layer.last_indices  # (B, T, heads, knn)
+        B = idx.shape[0]
+        for k in ks:
+            n_rows = tables[k].weight.shape[0]
+            offset = torch.arange(B, device=idx.device).view(B, 1) * n_rows  # (B, 1): one id range per sequence
+            ids[k].append(idx.reshape(B, -1) + offset)  # (B, T*heads*knn)
+    out = []
+    for k, t in enumerate(tables):
+        n_rows = t.weight.shape[0]
+        u = torch.unique(torch.cat(ids[k], dim=1))  # (U,) distinct (sequence, row) pairs
+        out.append(torch.bincount(u % n_rows, minlength=n_rows).long().cpu())  # (rows,)
+    return out
+
+
 def table_counts(model, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per value table: (rows,) float64 access counts of the last forward, summed over the layers that read it."""
     tables = model.value_tables()
@@ -83,6 +105,19 @@ class BackgroundStats:
     layer_df: list[torch.Tensor]  # per memory layer (rows,) int64
     weights_hash: str
     settings: dict[str, Any] = field(default_factory=dict)
+    seq_df: list[torch.Tensor] | None = None  # per table (rows,) int64: sequences in which the row was accessed
+    n_seqs: int = 0
+
+    def doc_freq(self, table: int, unit: str = "batch") -> tuple[torch.Tensor, int]:
+        """(df, number of documents) of ``table`` for the IDF, with batches or sequences as the documents."""
+        if unit == "sequence":
+            if self.seq_df is None:
+                raise BackgroundError(
+                    "these background statistics have no per-sequence counts (smf.df_unit=sequence): pass "
+                    "--smf.recompute_background=true to count them again"
+                )
+            return self.seq_df[table], self.n_seqs
+        return self.df[table], self.n_batches
 
     def save(self, path: str | Path) -> Path:
         """Atomic write (temp file + rename): a crash never leaves a half-written statistics file."""
@@ -96,6 +131,8 @@ class BackgroundStats:
             "layer_df": [d.cpu() for d in self.layer_df],
             "weights_hash": self.weights_hash,
             "settings": self.settings,
+            "seq_df": None if self.seq_df is None else [d.cpu() for d in self.seq_df],
+            "n_seqs": self.n_seqs,
         }
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
@@ -113,9 +150,10 @@ class BackgroundStats:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise BackgroundError(f"{path} is not a readable background statistics file ({type(e).__name__}: {e})")
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
+        if not isinstance(raw, dict) or raw.get("format") not in (1, FORMAT_VERSION):
             raise BackgroundError(f"{path} is not a memlm SMF background statistics file (format {FORMAT_VERSION})")
-        return cls(raw["n_batches"], raw["df"], raw["counts"], raw["layer_df"], raw["weights_hash"], raw["settings"])
+        return cls(raw["n_batches"], raw["df"], raw["counts"], raw["layer_df"], raw["weights_hash"], raw["settings"],
+                   raw.get("seq_df"), raw.get("n_seqs", 0))  # fmt: skip
 
     def check(self, model, wh: str, settings: dict[str, Any], where: str) -> None:
         """Refuse statistics of another checkpoint or counted with other settings."""
@@ -153,7 +191,8 @@ def compute_background(
     df = [torch.zeros(t.weight.shape[0], dtype=torch.int64) for t in tables]
     counts = [torch.zeros(t.weight.shape[0], dtype=torch.float64) for t in tables]
     layer_df = [torch.zeros(layer.value_table.weight.shape[0], dtype=torch.int64) for layer in model.memory_layers]
-    seen = 0
+    seq_df = [torch.zeros(t.weight.shape[0], dtype=torch.int64) for t in tables]
+    seen = n_seqs = 0
     bar = tqdm(total=n_batches, desc="SMF background counts", unit="batch", disable=not progress, leave=False)
     for batch in batches:
         if seen >= n_batches:
@@ -166,6 +205,9 @@ def compute_background(
             counts[k] += c
         for j, c in enumerate(layer_counts(model)):
             layer_df[j] += (c.cpu() > 0).long()
+        for k, d in enumerate(table_seq_df(model)):
+            seq_df[k] += d
+        n_seqs += x.shape[0]
         seen += 1
         bar.update(1)
     bar.close()
@@ -175,7 +217,7 @@ def compute_background(
     if seen < n_batches:
         warnings.warn(f"SMF background: the pretraining data gave only {seen} of smf.background_batches="
                       f"{n_batches} batches; the statistics use {seen}", stacklevel=2)  # fmt: skip
-    return BackgroundStats(seen, df, counts, layer_df, wh, dict(settings or {}))
+    return BackgroundStats(seen, df, counts, layer_df, wh, dict(settings or {}), seq_df, n_seqs)
 
 
 def default_path(ckpt: str | Path) -> Path:

@@ -2,18 +2,22 @@
 
 Per finetuning batch:
 
-1. count slot accesses ``c(i)`` over every token x head x top-k of the batch (``MemoryLayer.last_indices`` of the
-   training forward itself: no second forward), optionally only at answer tokens;
+1. count slot accesses ``c(i)`` over every non-padding token x head x top-k of the batch (``MemoryLayer.last_indices``
+   of the training forward itself: no second forward), optionally only at answer tokens;
 2. rank the accessed slots against the background statistics (:mod:`memlm.continual.background`):
-   TF-IDF ``c(i)/sum(c) * log((|B|+1)/(df(i)+1))``, or KL ``p_b(i) * log(p_b(i)/p_bg(i))`` with
-   ``p_bg = (bg_count + 1) / (sum bg_count + N)`` (add-one smoothing of the background);
+   TF-IDF ``c(i)/sum(c) * log((|B|+1)/(df(i)+1))`` (documents = background batches as in the paper, or sequences:
+   ``smf.df_unit``), KL ``p_b(i) * log(p_b(i)/p_bg(i))`` with ``p_bg = (bg_count + 1) / (sum bg_count + N)``
+   (add-one smoothing of the background), or TF only ``c(i)`` (the paper's ablation);
 3. update ONLY the top-t value rows, with row-sparse SGD (the paper: lr 2.0, no weight decay) or lazy Adam from
    :mod:`memlm.model.memory.sparse_update`. Every other value row, its optimizer state, and every non-memory parameter
    stays bitwise unchanged: non-value parameters are frozen (no gradient at all), and the row-sparse steps touch
    nothing but the given rows (no weight decay, no stale momentum).
 
-Logged per step: slots selected, overlap with the previous step's selection, and the fraction of the batch's slot
-accesses that the selection covers.
+Logged per step (:meth:`SparseMemoryFinetuning.update`): rows the batch read, rows selected, selected rows whose
+score is <= 0 (IDF 0: read in every background document), overlap with the previous step's selection, the fraction
+of the batch's slot accesses the selection covers, the relative change of the updated rows, and — when
+:meth:`SparseMemoryFinetuning.set_protected` was given the slots the held-in facts read — the fraction of selected
+rows among those slots (next to that set's share of the table, the overlap a random selection would have).
 """
 
 from __future__ import annotations
@@ -49,12 +53,17 @@ def kl_scores(counts: torch.Tensor, bg_counts: torch.Tensor) -> torch.Tensor:
     return torch.where(counts > 0, p_b * torch.log(safe / p_bg), torch.zeros_like(p_b))
 
 
-def rank_scores(counts: torch.Tensor, stats: BackgroundStats, table: int, ranking: str) -> torch.Tensor:
+def rank_scores(
+    counts: torch.Tensor, stats: BackgroundStats, table: int, ranking: str, df_unit: str = "batch"
+) -> torch.Tensor:
     if ranking == "tfidf":
-        return tfidf_scores(counts, stats.df[table], stats.n_batches)
+        df, n_docs = stats.doc_freq(table, df_unit)
+        return tfidf_scores(counts, df, n_docs)
     if ranking == "kl":
         return kl_scores(counts, stats.counts[table])
-    raise ValueError(f"unknown SMF ranking {ranking!r} (tfidf or kl)")
+    if ranking == "tf":
+        return counts.double()
+    raise ValueError(f"unknown SMF ranking {ranking!r} (tfidf, kl or tf)")
 
 
 def select_top_t(scores: torch.Tensor, counts: torch.Tensor, t: int) -> torch.Tensor:
@@ -106,6 +115,10 @@ class SparseMemoryFinetuning(FinetuneMethod):
         dev = self.tables[0].device  # ranked every step: keep the background on the tables' device once
         background.df = [d.to(dev) for d in background.df]
         background.counts = [c.to(dev) for c in background.counts]
+        if background.seq_df is not None:
+            background.seq_df = [d.to(dev) for d in background.seq_df]
+        if self.smf.ranking == "tfidf":
+            background.doc_freq(0, self.smf.df_unit)  # raises now (before any step) when the unit is missing
         freeze_all_but(model, self.tables)
         for layer in model.memory_layers:
             layer.record = True
@@ -116,42 +129,73 @@ class SparseMemoryFinetuning(FinetuneMethod):
         self.prev: list[torch.Tensor | None] = [None] * len(self.tables)
         self.touched = [torch.zeros(w.shape[0], dtype=torch.bool, device=w.device) for w in self.tables]
         self.last_rows: list[torch.Tensor] = []
+        self.protected: list[torch.Tensor] | None = None  # per table (rows,) bool: slots the held-in facts read
+
+    def set_protected(self, masks: list[torch.Tensor]) -> None:
+        """Per value table, a (rows,) bool mask of slots to watch (e.g. those held-in facts read): every step then logs
+        the fraction of selected rows inside it (``smf/protected_overlap``) and the mask's share of the table
+        (``smf/protected_frac``, the overlap of a random selection)."""
+        self.protected = [m.to(w.device) for m, w in zip(masks, self.tables)]
 
     def select(self, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(rows per table, counts per table) from the last forward's recorded indices."""
         mask = batch.answer if self.smf.answer_only else batch.valid  # (B, T): padding never counts
         counts = table_counts(self.model, mask)
         rows = []
+        self.last_scores = []
         for k, c in enumerate(counts):
-            scores = rank_scores(c, self.stats, k, self.smf.ranking)
+            scores = rank_scores(c, self.stats, k, self.smf.ranking, self.smf.df_unit)
             rows.append(select_top_t(scores, c, self.smf.top_t))
+            self.last_scores.append(scores)
         return rows, counts
 
     @torch.no_grad()
     def update(self, batch) -> dict[str, float]:
         rows_per_table, counts = self.select(batch)
-        selected = overlap = covered = total = 0.0
+        n = dict.fromkeys(("read", "selected", "zero", "overlap", "covered", "total", "protected", "dw2", "w2"), 0.0)
+        rel_rows: list[torch.Tensor] = []
         self.last_rows = rows_per_table
         for k, (w, rows, c) in enumerate(zip(self.tables, rows_per_table, counts)):
             if w.grad is not None and rows.numel():
                 r, g = rows_of_grad(w.grad, rows)
+                before = w.detach()[r].float()  # (t, D) the rows before their step
                 if self.opt is None:
                     sgd_rows_(w, r, g, self.cfg.optim.lr)
                 else:
                     self.opt.step_rows(w, r, g)
                 self.touched[k][r] = True
+                dw = w.detach()[r].float() - before  # (t, D)
+                n["dw2"] += float(dw.square().sum())
+                n["w2"] += float(before.square().sum())
+                rel_rows.append(dw.norm(dim=1) / before.norm(dim=1).clamp_min(1e-12))  # (t,)
             prev = self.prev[k]
             if prev is not None and rows.numel():
-                overlap += float(torch.isin(rows, prev).sum())
+                n["overlap"] += float(torch.isin(rows, prev).sum())
             self.prev[k] = rows
-            selected += rows.numel()
-            covered += float(c[rows].sum())
-            total += float(c.sum())
-        return {
-            "smf/selected": selected,
-            "smf/overlap_prev": overlap / selected if selected else 0.0,
-            "smf/access_coverage": covered / total if total else 0.0,
+            n["read"] += float((c > 0).sum())
+            n["selected"] += rows.numel()
+            n["zero"] += float((self.last_scores[k][rows] <= 0).sum())
+            n["covered"] += float(c[rows].sum())
+            n["total"] += float(c.sum())
+            if self.protected is not None:
+                n["protected"] += float(self.protected[k][rows].sum())
+        sel = n["selected"]
+        logs = {
+            "smf/rows_read": n["read"],
+            "smf/selected": sel,
+            "smf/selected_zero_score": n["zero"],
+            "smf/overlap_prev": n["overlap"] / sel if sel else 0.0,
+            "smf/access_coverage": n["covered"] / n["total"] if n["total"] else 0.0,
+            # how far one step moves the updated rows: ||dW|| / ||W|| over them, and the median row's own ratio
+            "smf/rel_change": math.sqrt(n["dw2"] / n["w2"]) if n["w2"] else 0.0,
+            "smf/rel_change_median_row": float(torch.cat(rel_rows).median()) if rel_rows else 0.0,
         }
+        if self.protected is not None:
+            logs["smf/protected_overlap"] = n["protected"] / sel if sel else 0.0
+            logs["smf/protected_frac"] = sum(float(m.sum()) for m in self.protected) / sum(
+                m.numel() for m in self.protected
+            )
+        return logs
 
     def summary(self) -> dict[str, float]:
         n = sum(int(t.sum()) for t in self.touched)

@@ -1,9 +1,16 @@
 """The new-fact stream of continual finetuning (Lin et al. 2025, "Continual Learning via Sparse Memory Finetuning").
 
 Real QA pairs (TriviaQA by default, through :func:`memlm.data.qa.load_qa`) are split into ``stages`` sequential
-stages of ``facts_per_stage`` facts. Each fact is rendered by every template (question -> answer and statement forms)
-and repeated ``repetitions`` times. Every example records which of its target tokens are the answer, so the loss and
-SMF's slot counts can be restricted to answer tokens.
+stages of ``facts_per_stage`` facts. Two modes (``stream.mode``):
+
+- ``paraphrase`` (the paper's fact setting): facts are learned one after another; each step's batch is
+  ``stream.paraphrases`` distinct texts of ONE fact (:mod:`memlm.continual.paraphrase`; 64 in the paper), for
+  ``stream.steps_per_fact`` steps;
+- ``mixed``: each fact rendered by every ``stream.templates`` entry and repeated ``repetitions`` times; batches of
+  ``train.batch_size`` texts are drawn from the whole stage.
+
+Every example records which of its target tokens are the answer, so the loss and SMF's slot counts can be restricted
+to answer tokens (the paper counts every non-padding token; ``smf.answer_only`` is an option).
 
 Tokenization keeps the answer a clean token span: ``encode(prefix) + encode(answer + suffix)`` — the prefix ends with
 a space before the answer, which is a natural SentencePiece boundary, and the answer is tokenized exactly as the model
@@ -106,10 +113,40 @@ def encode_example(tok, fact: dict, template: str, max_len: int) -> Example:
     return Example(fact["id"], before + answer + after, ids, answer_mask)
 
 
-def stage_examples(tok, facts: list[dict], cfg: StreamConfig, max_len: int) -> list[Example]:
-    """Every fact x every template, ``repetitions`` times (unshuffled)."""
+def stage_examples(tok, facts: list[dict], cfg: StreamConfig, max_len: int) -> list[Example] | list[list[Example]]:
+    """mixed: every fact x every template, ``repetitions`` times (unshuffled). paraphrase: per fact (in stream order)
+    its ``paraphrases`` texts."""
+    if cfg.mode == "paraphrase":
+        return [fact_paraphrases(tok, f, cfg, max_len, i) for i, f in enumerate(facts)]
     one = [encode_example(tok, f, t, max_len) for f in facts for t in cfg.templates]
     return one * cfg.repetitions
+
+
+def fact_paraphrases(tok, fact: dict, cfg: StreamConfig, max_len: int, index: int = 0) -> list[Example]:
+    """The ``cfg.paraphrases`` texts of one fact (distinct up to :func:`paraphrase.n_distinct`); the sample of forms
+    differs per fact (seeded by ``cfg.seed`` and the fact's position)."""
+    from memlm.continual.paraphrase import paraphrase_templates
+
+    templates = paraphrase_templates(cfg.paraphrases, seed=cfg.seed * 1_000_003 + index)
+    return [encode_example(tok, fact, t, max_len) for t in templates]
+
+
+def stage_steps(examples: list, cfg: StreamConfig, batch_size: int, steps_per_stage: int | None) -> int:
+    """How many optimizer steps a stage takes."""
+    if cfg.mode == "paraphrase":
+        return len(examples) * cfg.steps_per_fact
+    return steps_per_stage or -(-len(examples) // batch_size)
+
+
+def stage_batches(examples: list, cfg: StreamConfig, batch_size: int, steps_per_stage: int | None, seed: int,
+                  pad_id: int, loss_on: str = "all"):  # fmt: skip
+    """The batches of one stage in either mode (see the module docstring)."""
+    if cfg.mode == "paraphrase":
+        for per_fact in examples:
+            for _ in range(cfg.steps_per_fact):
+                yield collate(per_fact, pad_id, loss_on)
+        return
+    yield from batches(examples, batch_size, steps_per_stage, seed, pad_id, loss_on)
 
 
 def batches(examples: list[Example], batch_size: int, steps: int | None, seed: int, pad_id: int, loss_on: str = "all"):
@@ -134,21 +171,26 @@ def batches(examples: list[Example], batch_size: int, steps: int | None, seed: i
         it = endless()
         chunks = ([next(it) for _ in range(batch_size)] for _ in range(steps))
     for chunk in chunks:
-        exs = [examples[i] for i in chunk]
-        T = max(len(e.ids) for e in exs) - 1
-        x = torch.full((len(exs), T), pad_id, dtype=torch.long)
-        y = torch.full((len(exs), T), -100, dtype=torch.long)
-        m = torch.zeros((len(exs), T), dtype=torch.bool)
-        valid = torch.zeros((len(exs), T), dtype=torch.bool)
-        for b, e in enumerate(exs):
-            n = len(e.ids) - 1
-            x[b, :n] = torch.tensor(e.ids[:-1])
-            y[b, :n] = torch.tensor(e.ids[1:])
-            m[b, :n] = torch.tensor(e.answer)
-            valid[b, :n] = True
-        if loss_on == "answer":
-            y = y.masked_fill(~m, -100)
-        yield Batch(x, y, m, valid)
+        yield collate([examples[i] for i in chunk], pad_id, loss_on)
+
+
+def collate(exs: list[Example], pad_id: int, loss_on: str = "all") -> Batch:
+    """(B, T) tensors, right-padded; ``y = -100`` at padding (and at non-answer positions when ``loss_on`` is
+    ``"answer"``)."""
+    T = max(len(e.ids) for e in exs) - 1
+    x = torch.full((len(exs), T), pad_id, dtype=torch.long)
+    y = torch.full((len(exs), T), -100, dtype=torch.long)
+    m = torch.zeros((len(exs), T), dtype=torch.bool)
+    valid = torch.zeros((len(exs), T), dtype=torch.bool)
+    for b, e in enumerate(exs):
+        n = len(e.ids) - 1
+        x[b, :n] = torch.tensor(e.ids[:-1])
+        y[b, :n] = torch.tensor(e.ids[1:])
+        m[b, :n] = torch.tensor(e.answer)
+        valid[b, :n] = True
+    if loss_on == "answer":
+        y = y.masked_fill(~m, -100)
+    return Batch(x, y, m, valid)
 
 
 def write_facts(path: str | Path, facts: list[dict]) -> Path:

@@ -20,7 +20,6 @@ another checkpoint) runs before anything is written. Such errors print one line 
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 import time
@@ -32,7 +31,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from memlm.config import ConfigError, FinetuneConfig, load_finetune_config, to_dict
-from memlm.continual import stage_eval, stream
+from memlm.continual import diagnostics, stage_eval, stream
 from memlm.continual.background import BackgroundError, load_or_compute
 from memlm.continual.methods import MethodError, build_method, check_method_applies
 from memlm.continual.report import plot_stages
@@ -117,6 +116,11 @@ def run(
     if base_results is None:
         base_results = evaluate()
     atomic_write_json(out / "base.json", stage_eval.strip_predictions(base_results))
+    # forgetting measured on the held-in facts the base model answers correctly (and, for SMF, which slots they read)
+    known = diagnostics.known_predictions(base_results, stage_eval.HELDIN)
+    known_ids = {p["id"] for p in known}
+    if hasattr(method, "set_protected") and known:
+        method.set_protected(diagnostics.answer_slots(method.model, tok, known))
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -128,9 +132,9 @@ def run(
             ts = time.perf_counter()
             logs_sum: dict[str, float] = {}
             n = 0
-            it = stream.batches(examples, cfg.train.batch_size, cfg.train.steps_per_stage, cfg.train.seed + k,
-                                prep.pad_id, cfg.train.loss_on)  # fmt: skip
-            total = cfg.train.steps_per_stage or math.ceil(len(examples) / cfg.train.batch_size)
+            it = stream.stage_batches(examples, cfg.stream, cfg.train.batch_size, cfg.train.steps_per_stage,
+                                      cfg.train.seed + k, prep.pad_id, cfg.train.loss_on)  # fmt: skip
+            total = stream.stage_steps(examples, cfg.stream, cfg.train.batch_size, cfg.train.steps_per_stage)
             bar = tqdm(it, total=total, desc=f"{cfg.run_name} stage {k + 1}", disable=not progress, leave=False)
             for batch in bar:
                 logs = method.step(batch)
@@ -144,6 +148,10 @@ def run(
             train_s = time.perf_counter() - ts
             results = evaluate()
             summary = stage_eval.summarize(base_results, results, k, len(prep.stages))
+            if known_ids:
+                summary["forgetting"][diagnostics.HELDIN_KNOWN] = diagnostics.known_forgetting(
+                    base_results, results, stage_eval.HELDIN, known_ids
+                )
             means = {f"mean_{a}": b / n for a, b in logs_sum.items()}
             summary["train"] = {"steps": n, "seconds": round(train_s, 2), **means}
             summary["eval_seconds"] = round(time.perf_counter() - ts - train_s, 2)
@@ -166,6 +174,12 @@ def run(
         "stages": stages,
         "out_dir": str(out),
     }  # fmt: skip
+    if cfg.save_model:  # the finetuned model, loadable with memlm.load_pretrained (LoRA: adapters merged)
+        from memlm.export import save_pretrained
+
+        finetune = {"method": cfg.method, "base_ckpt": str(prep.ckpt), "steps": step}
+        save_pretrained(method.final_model(), out / "export", tok, {**prep.run_config, "finetune": finetune})
+        result["export"] = str(out / "export")
     atomic_write_json(out / "summary.json", result)
     plot_stages({cfg.run_name: result}, out / "learning_forgetting.png")
     result["base_results"] = base_results

@@ -7,7 +7,10 @@ from typing import Literal
 
 from memlm.config.base import _require, _YamlMixin
 
-SourceKind = Literal["text", "jsonl", "parquet", "hf", "worldfacts", "wiki"]
+SourceKind = Literal["text", "jsonl", "parquet", "hf", "worldfacts", "wiki", "people"]
+# attributes of the invented people (memlm/data/people.py defines their values and templates)
+PeopleAttribute = Literal["birth_year", "birth_city", "employer", "field", "language"]
+PEOPLE_MAX_TEMPLATES = 4  # prose templates written per attribute
 
 
 @dataclass
@@ -59,6 +62,51 @@ class FactsConfig(_YamlMixin):
         _require(not bad, f"data.facts.groups: unknown group(s) {bad}; choose from countries, cities, elements")
 
 
+@dataclass
+class PeopleConfig(_YamlMixin):
+    """Invented individuals for a ``{kind: people}`` source and the ``people`` eval tasks (memlm/data/people.py).
+
+    Every individual gets a never-used invented name and uniformly drawn attribute values, and appears in exactly
+    ``level`` documents of the corpus (one appearance = one short biography stating each attribute once; see
+    docs/capacity.md). Level 0 individuals never appear: the control that shows the guessing rate.
+    """
+
+    n_per_level: int = 100  # individuals at each exposure level
+    levels: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64])  # appearances per individual
+    attributes: list[PeopleAttribute] = field(default_factory=lambda: ["birth_year", "birth_city", "employer", "field"])
+    templates: int = 3  # prose templates per attribute (1-4): appearance j states each attribute in template j mod this
+    qa_form: bool = False  # every second appearance as "Question: ...\nAnswer: ..." lines instead of prose
+    # share of the corpus's UTF-8 bytes that is people text (0 < mix <= 1): the other sources are resampled as a whole
+    # (keeping their relative weights) to reach it; None = no resampling, every source at its own weight
+    mix: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.n_per_level >= 1, f"data.people.n_per_level must be >= 1, got {self.n_per_level}")
+        _require(len(self.levels) > 0, "data.people.levels must list at least one exposure level (e.g. [0, 1, 2, 4])")
+        bad = [k for k in self.levels if k < 0]
+        _require(not bad, f"data.people.levels: exposure levels must be >= 0 (0 = never seen, the control); got {bad}")
+        _require(any(k > 0 for k in self.levels), "data.people.levels: at least one level must be > 0 (0 = never seen)")
+        dup = sorted({k for k in self.levels if self.levels.count(k) > 1})
+        _require(not dup, f"data.people.levels: level(s) {dup} listed twice")
+        _require(len(self.attributes) > 0, "data.people.attributes must list at least one attribute")
+        dup = sorted({a for a in self.attributes if self.attributes.count(a) > 1})
+        _require(not dup, f"data.people.attributes: {dup} listed twice")
+        _require(
+            1 <= self.templates <= PEOPLE_MAX_TEMPLATES,
+            f"data.people.templates must be in [1, {PEOPLE_MAX_TEMPLATES}], got {self.templates}",
+        )
+        _require(
+            self.mix is None or 0.0 < self.mix <= 1.0,
+            f"data.people.mix (the people share of the corpus) must be in (0, 1], got {self.mix}"
+            + (" (to train without people text, drop the people source)" if self.mix == 0 else ""),
+        )
+
+    @property
+    def n_individuals(self) -> int:
+        return self.n_per_level * len(self.levels)
+
+
 def _default_sources() -> list[SourceConfig]:
     return [SourceConfig(kind="wiki"), SourceConfig(kind="worldfacts", weight=2.0)]
 
@@ -70,6 +118,7 @@ class DataConfig(_YamlMixin):
     sources: list[SourceConfig] = field(default_factory=_default_sources)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     facts: FactsConfig = field(default_factory=FactsConfig)
+    people: PeopleConfig = field(default_factory=PeopleConfig)  # used by a {kind: people} source
     val_fraction: float = 0.02  # of documents, chosen by a seeded shuffle
     seed: int = 0
     num_workers: int = 0
@@ -81,3 +130,27 @@ class DataConfig(_YamlMixin):
         _require(len(self.sources) > 0, "data.sources must list at least one source")
         _require(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        people = [i for i, s in enumerate(self.sources) if s.kind == "people"]
+        if people:
+            self._check_people(people)
+
+    def _check_people(self, idx: list[int]) -> None:
+        """A people source's exposure counts are exact only once, unweighted and uncut, and its names must fit."""
+        _require(len(idx) == 1, f"data.sources{idx}: at most one people source (a second would double every exposure)")
+        (i,) = idx
+        src = self.sources[i]
+        _require(
+            src.weight == 1.0,
+            f"data.sources[{i}].weight must be 1 for a people source (its exposure counts are data.people.levels; "
+            f"set the people share of the corpus with data.people.mix), got {src.weight}",
+        )
+        _require(src.limit is None, f"data.sources[{i}].limit cannot cut a people source (it would break exposures)")
+        from memlm.data.people import name_space_size  # local: the data layer imports this module
+
+        space = name_space_size()
+        p = self.people
+        _require(
+            p.n_individuals <= space,
+            f"data.people.n_per_level: {p.n_per_level} x {len(p.levels)} levels = {p.n_individuals} individuals, "
+            f"more than the {space} distinct invented names; lower n_per_level or use fewer levels",
+        )

@@ -194,6 +194,15 @@ def source_documents(src: SourceConfig, cfg: DataConfig) -> tuple[list[str], str
             cache_dir=cfg.cache_dir,
         )
         origin = f"worldfacts [{split}]"
+    elif src.kind == "people":
+        from memlm.data.people import describe, people_documents
+
+        avoid = None
+        if cfg.val_fraction > 0:  # every appearance must be training text: keep people documents out of validation
+            from memlm.data.datamodule import in_val
+
+            avoid = lambda d: in_val(d, cfg.val_fraction, cfg.seed)  # noqa: E731
+        docs, origin = people_documents(cfg.people, avoid), describe(cfg.people)
     else:  # the config's Literal already rejects this
         raise DataError(f"unknown source kind {src.kind!r}")
     if src.limit is not None:
@@ -212,21 +221,44 @@ def weighted(docs: list[str], weight: float, rng: random.Random) -> list[str]:
     return out
 
 
+def _n_bytes(docs: list[str]) -> int:
+    return sum(len(d.encode("utf-8")) for d in docs)
+
+
+def _mix_people(per_source: list[tuple], mix: float, rng: random.Random) -> list[tuple]:
+    """Resample the non-people sources together (each by the same factor, so their relative weights stay) until the
+    people documents are a ``mix`` share of the corpus bytes (approximately: documents are sampled whole)."""
+    people = sum(_n_bytes(d) for s, _, d in per_source if s.kind == "people")
+    others = sum(_n_bytes(d) for s, _, d in per_source if s.kind != "people")
+    factor = people * (1 - mix) / mix / others if others else 0.0
+    out = []
+    for src, origin, docs in per_source:
+        if src.kind != "people":
+            docs = weighted(docs, factor, rng) if factor > 0 else []
+            origin = f"{origin} (x{factor:.3g} for data.people.mix={mix})"
+        out.append((src, origin, docs))
+    return out
+
+
 def build_corpus(cfg: DataConfig) -> Corpus:
     """All sources of ``cfg``, weighted, then shuffled with ``cfg.seed``; raises on an empty result."""
     rng = random.Random(cfg.seed)
-    documents: list[str] = []
-    stats = []
+    per_source = []
     for src in cfg.sources:
         docs, origin = source_documents(src, cfg)
-        docs = weighted(docs, src.weight, rng)
+        per_source.append((src, origin, weighted(docs, src.weight, rng)))
+    if cfg.people.mix is not None and any(src.kind == "people" for src in cfg.sources):
+        per_source = _mix_people(per_source, cfg.people.mix, rng)
+    documents: list[str] = []
+    stats = []
+    for src, origin, docs in per_source:
         stats.append(
             {
                 "kind": src.kind,
                 "origin": origin,
                 "weight": src.weight,
                 "documents": len(docs),
-                "bytes": sum(len(d.encode("utf-8")) for d in docs),
+                "bytes": _n_bytes(docs),
             }
         )
         log.info("corpus source %s: %d documents", origin, len(docs))

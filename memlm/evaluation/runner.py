@@ -15,6 +15,7 @@ from typing import Any
 
 from memlm.data.errors import BadRows, DataError, jsonl_records
 from memlm.evaluation.adapter import MemLMAdapter
+from memlm.evaluation.capacity import capacity_report, format_capacity
 from memlm.evaluation.metrics import aggregate, mc_scores, perplexity_scores, qa_scores
 from memlm.evaluation.tasks import TaskError, TaskSpec, resolve_tasks
 
@@ -29,6 +30,18 @@ def _facts_kw(run_config: dict | None) -> dict[str, Any]:
     if data.get("cache_dir"):
         kw["cache_dir"] = data["cache_dir"]
     return kw
+
+
+def _people_cfg(run_config: dict | None) -> dict | None:
+    """The ``data.people`` section of the run that trained the model (its individuals are what the people tasks ask
+    about); None when there is no run config (the default section is used). A run without a people source is an
+    error: its model never saw any of them."""
+    data = (run_config or {}).get("data")
+    if not data:
+        return None
+    if not any(isinstance(s, dict) and s.get("kind") == "people" for s in data.get("sources") or []):
+        raise TaskError("the people tasks need a model trained on a {kind: people} source; this run has none")
+    return dict(data.get("people") or {})
 
 
 def _cloze_rows(split: str, facts_kw: dict) -> list[dict]:
@@ -88,7 +101,9 @@ def _text_rows(spec: TaskSpec, facts_kw: dict) -> list[dict]:
     return rows
 
 
-def load_rows(spec: TaskSpec, split: str | None, limit: int | None, facts_kw: dict) -> tuple[list[dict], str]:
+def load_rows(
+    spec: TaskSpec, split: str | None, limit: int | None, facts_kw: dict, people: dict | None = None
+) -> tuple[list[dict], str]:
     """Rows of ``spec``'s dataset (``split`` overrides the spec's) and a description of where they came from."""
     kind = spec.dataset
     if spec.type == "perplexity":
@@ -115,6 +130,8 @@ def load_rows(spec: TaskSpec, split: str | None, limit: int | None, facts_kw: di
         if not spec.path:
             raise TaskError(f"task {spec.name}: dataset {kind} needs a 'path'")
         ds = load_qa(path=spec.path, split=split, limit=limit, columns=spec.columns or None)
+    elif kind == "people":
+        ds = load_qa(kind, split=split, limit=limit, people=people)
     else:
         ds = load_qa(kind, split=split, limit=limit, **(facts_kw if kind == "worldfacts" else {}))
     return list(ds), ds.source
@@ -200,15 +217,17 @@ def run_task(
     predictions: bool = False,
     facts_kw: dict | None = None,
     log: ResultsLog | None = None,
+    people: dict | None = None,
 ) -> dict[str, Any]:
     """Evaluate one task; returns its results entry (see module docstring). With ``log`` the rows are scored in
     chunks of ``log.chunk`` examples, each chunk's records appended durably to the log, and chunks already in the log
-    (from an interrupted run) are not scored again."""
+    (from an interrupted run) are not scored again. ``people``: the ``data.people`` section for the people tasks,
+    whose entry also gets a ``capacity`` report (recall per exposure level and attribute, chance, bits)."""
     facts_kw = facts_kw or {}
-    rows, source = load_rows(spec, spec.split, limit, facts_kw)
+    rows, source = load_rows(spec, spec.split, limit, facts_kw, people)
     pool = rows
     if shots and spec.type != "perplexity" and spec.fewshot_split and spec.fewshot_split != spec.split:
-        pool, _ = load_rows(spec, spec.fewshot_split, spec.fewshot_pool, facts_kw)
+        pool, _ = load_rows(spec, spec.fewshot_split, spec.fewshot_pool, facts_kw, people)
     t0 = time.perf_counter()
     if log is None:
         preds = _score_rows(adapter, spec, rows, pool, shots, seed)
@@ -243,6 +262,8 @@ def run_task(
         "examples_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
         "spec": spec.to_dict(),
     }
+    if spec.dataset == "people":
+        entry["capacity"] = capacity_report(rows, preds)
     if predictions:
         entry["predictions"] = preds
     return entry
@@ -320,6 +341,7 @@ def evaluate(
     if tokenizer is None:
         raise TaskError("evaluation needs a tokenizer (this checkpoint has none; pass one explicitly)")
     specs = resolve_tasks(tasks, task_dirs)
+    people = _people_cfg(run_config) if any(s.dataset == "people" for s in specs) else None
     adapter = MemLMAdapter(model, tokenizer, batch_size=batch_size, use_cache=use_cache, progress=progress)
     facts_kw = _facts_kw(run_config)
     results: dict[str, Any] = {
@@ -328,7 +350,7 @@ def evaluate(
         "tasks": {},
     }  # fmt: skip
     for spec in specs:
-        results["tasks"][spec.name] = run_task(adapter, spec, limit, shots, seed, predictions, facts_kw, log)
+        results["tasks"][spec.name] = run_task(adapter, spec, limit, shots, seed, predictions, facts_kw, log, people)
     return results
 
 
@@ -342,4 +364,7 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {m} | {v:.4f} | {'' if se is None else f'{se:.4f}'} | {entry['n']} | {entry['shots']} |"
             )
+    for name, entry in results["tasks"].items():
+        if "capacity" in entry:  # people tasks: recall per exposure level, chance and bits
+            lines += ["", format_capacity(name, entry["capacity"])]
     return "\n".join(lines)

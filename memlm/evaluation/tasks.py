@@ -5,6 +5,9 @@ A task has a ``type``:
 - ``generate``: QA by greedy generation, scored with exact match / token F1 against all aliases. ``dataset`` is a
   name :func:`memlm.data.qa.load_qa` knows (triviaqa, nq_open, simpleqa, worldfacts), ``qa_jsonl`` / ``qa_csv``
   with ``path``, or ``worldfacts_cloze`` (statement prefixes of the worldfacts facts, e.g. "The capital of France is").
+  ``dataset: people`` asks about the invented individuals of the model's ``data.people`` section (split ``all`` or
+  ``k<level>``); its rows have a ``question`` and a cloze ``prompt``, and its results add a ``capacity`` report:
+  exact match / F1 per exposure level and attribute, each attribute's chance rate, bits (docs/capacity.md).
 - ``multiple_choice``: log-likelihood of each choice; ``acc`` and ``acc_norm``. ``dataset: mc_jsonl`` with ``path``,
   rows ``{question|context, choices: [..], label: int}`` (field names configurable).
 - ``perplexity``: rolling log-likelihood of held-out text; token / word / byte perplexity and bits per byte.
@@ -80,7 +83,7 @@ class TaskSpec:
             raise ConfigError(f"primary_metric {self.primary_metric!r} is not one of metrics {self.metrics}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.type != "generate" and self.dataset in ("qa_jsonl", "qa_csv", "worldfacts_cloze"):
+        if self.type != "generate" and self.dataset in ("qa_jsonl", "qa_csv", "worldfacts_cloze", "people"):
             raise ConfigError(f"dataset {self.dataset!r} is a QA dataset: use type: generate")
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from safetensors.torch import load_model, save_model
 
 from memlm.config import ConfigError, ModelConfig, from_dict
 from memlm.model import MemLM
-from memlm.utils.atomic import fsync_dir
+from memlm.utils.atomic import chmod_tree, fsync_dir
 
 MARKER = "memlm_export.json"
 FORMAT_VERSION = 1
@@ -49,7 +49,6 @@ def save_pretrained(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
     try:
         config = dict(run_config or {})
         config["model"] = model.cfg.to_dict()
@@ -59,6 +58,7 @@ def save_pretrained(
             tokenizer.save(tmp / "tokenizer")
         info = {"format": "memlm", "version": FORMAT_VERSION, "num_params": model.num_params(), **(meta or {})}
         (tmp / MARKER).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        chmod_tree(tmp)  # mkdtemp and safetensors write private (0700 / 0600) files: the umask's modes, as any file
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
@@ -127,6 +127,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", with_t
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{path}: model.safetensors is missing")
+    _check_weight_shapes(model, weights, raw)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
     except Exception as e:  # safetensors raises several types for truncated / foreign files
@@ -144,6 +145,44 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", with_t
         tokenizer = Tokenizer.load(path / "tokenizer")
         check_tokenizer(model, tokenizer, path)
     return model, tokenizer
+
+
+def _flat_config(d: dict[str, Any], prefix: str = "model") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_config(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+def _check_weight_shapes(model: MemLM, weights: Path, raw: dict[str, Any]) -> None:
+    """Refuse a config.yaml that does not describe these weights, naming the first tensor whose shape disagrees and
+    the config keys that set the disagreeing size (instead of "corrupted" and a long state-dict error)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:
+        return  # unreadable header: load_model's own error below says "corrupted"
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    flat = _flat_config(raw.get("model") or {})
+    for name, want in expected.items():
+        got = shapes.get(name)
+        if got is None or got == want:
+            continue
+        why = ""
+        if len(got) == len(want):
+            axis = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+            keys = [k for k, v in flat.items() if isinstance(v, int) and not isinstance(v, bool) and v == want[axis]]
+            if keys:
+                why = f"; size {want[axis]} comes from {', '.join(keys[:4])} = {want[axis]} in config.yaml"
+        raise CheckpointError(
+            f"{weights.parent}: config.yaml does not match model.safetensors: tensor {name} has shape {list(got)} but "
+            f"config.yaml gives {list(want)}{why} — use the config.yaml these weights were saved with"
+        )
 
 
 def verify_checkpoint_file(path: str | Path) -> None:

@@ -20,7 +20,6 @@ another checkpoint) runs before anything is written. Such errors print one line 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from memlm.data.cache import atomic_write_json
 from memlm.data.errors import DataError
 from memlm.export import CheckpointError
 from memlm.utils.malloc import keep_freed_memory_in_heap
+from memlm.utils.rundir import check_name, claim_or_reuse, describe_os_error, release_all
 
 USER_ERRORS = (ConfigError, CheckpointError, MethodError, BackgroundError, stream.StreamError, DataError)
 
@@ -96,12 +96,17 @@ def run(
     ``base_results``: the base model's evaluation on the same tasks (the comparison passes it to avoid recomputing).
     """
     t0 = time.perf_counter()
+    check_name(cfg.run_name, "name")
+    out = Path(cfg.out_dir) / cfg.run_name
+    # never delete: an existing out dir is refused, unless it is a finished run of this very config (then reused);
+    # the new dir is locked while this run writes it (memlm.utils.rundir)
+    owned, done = claim_or_reuse(out, {**to_dict(cfg), "ckpt": str(Path(ckpt))}, "summary.json",
+                                 "continual output directory", "choose another --name or --out_dir")  # fmt: skip
+    if done is not None:
+        print(f"{out}: a finished run of this config; its results are reused (delete the directory to rerun it)")
+        return {**done, "base_results": None}
     prep = Prepared(ckpt, cfg, progress)  # raises before anything is written
     method, tok = prep.method, prep.tok
-    out = Path(cfg.out_dir) / cfg.run_name
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     resolved = {**to_dict(cfg), "ckpt": str(prep.ckpt)}
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
     fact_files = [stream.write_facts(out / "facts" / f"stage{k + 1}.jsonl", f) for k, f in enumerate(prep.stages)]
@@ -183,6 +188,7 @@ def run(
     atomic_write_json(out / "summary.json", result)
     plot_stages({cfg.run_name: result}, out / "learning_forgetting.png")
     result["base_results"] = base_results
+    owned.release()
     return result
 
 
@@ -232,5 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {result['out_dir']} (summary.json, stage_*.json, learning_forgetting.png, tensorboard/)")
         return 0
     except USER_ERRORS as e:
+        release_all(failed=True)  # an out dir created by this run, still empty, is removed again
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # read-only or full disk, a file where a directory belongs: one line, not a traceback
+        release_all(failed=True)
+        msg = describe_os_error(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
         return 2

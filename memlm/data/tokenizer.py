@@ -3,6 +3,11 @@
 Special ids are fixed: ``unk=0, bos=1, eos=2, pad=3``. A trained tokenizer is a directory with ``tokenizer.model``
 (the SentencePiece proto) and ``tokenizer.json`` (metadata: vocab size, model type, corpus hash, sha256 of the model).
 Save it beside a checkpoint with :meth:`Tokenizer.save`; :meth:`Tokenizer.load` never retrains.
+
+Training is deterministic byte for byte: the saved proto carries no temp-file paths or thread counts (SentencePiece
+records its ``input``, ``model_prefix`` and ``num_threads`` in the model), so the same corpus and settings give the
+same sha256 after the cache is rebuilt. :attr:`Tokenizer.content_hash` hashes only what encodes text (the same
+canonical form), so tokenizers saved before this still match their retrained twins.
 """
 
 from __future__ import annotations
@@ -20,6 +25,19 @@ from memlm.data.errors import DataError, log
 
 MODEL_FILE, META_FILE = "tokenizer.model", "tokenizer.json"
 FORMAT_VERSION = 2  # bumped when training settings change
+MAX_SENTENCE_BYTES = 16384  # SentencePiece skips longer input lines
+_RUN_FIELDS = ("input", "model_prefix", "num_threads")  # trainer_spec fields that depend on the machine, not the result
+
+
+def canonical_proto(model_proto: bytes) -> bytes:
+    """The model proto without the trainer fields that name temp paths or the machine's thread count."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(model_proto)
+    for f in _RUN_FIELDS:
+        m.trainer_spec.ClearField(f)
+    return m.SerializeToString(deterministic=True)
 
 
 class Tokenizer:
@@ -31,6 +49,14 @@ class Tokenizer:
         self.proto = model_proto
         self.meta = dict(meta or {})
         self.hash = sha256_bytes(model_proto)
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of :func:`canonical_proto`: equal for tokenizers that differ only in where they were trained."""
+        try:
+            return sha256_bytes(canonical_proto(self.proto))
+        except Exception:  # no protobuf runtime: the file hash (canonical for tokenizers trained by this version)
+            return self.hash
 
     # ids
     @property
@@ -148,6 +174,7 @@ class Tokenizer:
                                 f.write(line.strip() + "\n")
                 if os.path.getsize(inp) == 0:
                     raise DataError("cannot train a tokenizer on an empty corpus")
+                _check_line_lengths(inp)
             log.info("training SentencePiece %s tokenizer, vocab %d", model_type, vocab_size)
             try:
                 spm.SentencePieceTrainer.train(
@@ -155,15 +182,38 @@ class Tokenizer:
                     byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, split_digits=True,
                     user_defined_symbols=["\n"],  # keep newlines (QA prompts stop on them); NFKC maps them to spaces
                     input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-                    character_coverage=character_coverage, max_sentence_length=16384,
+                    character_coverage=character_coverage, max_sentence_length=MAX_SENTENCE_BYTES,
                     num_threads=os.cpu_count() or 1, minloglevel=2,
                 )  # fmt: skip
             except RuntimeError as e:
                 msg = str(e)
+                if is_file:
+                    _check_line_lengths(inp)
                 if "Vocabulary size" in msg or "vocab_size" in msg:
                     raise DataError(f"tokenizer: vocab_size {vocab_size} too large for this corpus ({msg})") from None
                 raise DataError(f"SentencePiece training failed: {msg}") from None
             proto = Path(tmp, "sp.model").read_bytes()
+        try:
+            proto = canonical_proto(proto)  # no temp path / thread count: the same settings give the same bytes
+        except Exception as e:  # no protobuf runtime: the proto stays as SentencePiece wrote it
+            log.warning("tokenizer: could not canonicalize the model proto (%s); its sha256 names a temp path", e)
         tok = cls(proto, settings)
         tok.save(out)
         return tok
+
+
+def _check_line_lengths(path: str) -> None:
+    """SentencePiece silently skips lines over :data:`MAX_SENTENCE_BYTES`; a corpus made only of such lines fails deep
+    inside it. Refuse it with the fix named."""
+    longest = 0
+    with open(path, "rb") as f:
+        for line in f:
+            n = len(line.rstrip(b"\r\n"))
+            if 0 < n <= MAX_SENTENCE_BYTES:
+                return
+            longest = max(longest, n)
+    if longest > MAX_SENTENCE_BYTES:
+        raise DataError(
+            f"cannot train a tokenizer: every line of the corpus is longer than {MAX_SENTENCE_BYTES} bytes (the "
+            f"longest has {longest}) and SentencePiece skips such lines; split the text into lines or paragraphs"
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch
 
 from memlm.model.memory.stats import counts_stats
 from memlm.utils.atomic import atomic_write_json
+from memlm.utils.faults import should_fail
 
 
 class Throughput(L.Callback):
@@ -89,14 +92,30 @@ class MemoryStats(L.Callback):
 
 
 class SaveOnInterrupt(L.Callback):
-    """Ctrl-C (KeyboardInterrupt) writes a checkpoint before the process exits."""
+    """Ctrl-C (KeyboardInterrupt) writes a checkpoint to ``path`` before the process exits. SIGTERM (schedulers,
+    ``timeout``), which Lightning turns into a ``SIGTERMException`` at a step boundary, writes ``term_path`` (the run's
+    ``last.ckpt``, so ``--ckpt_path last`` continues from it); the launcher then exits non-zero with one line.
+    ``saved`` is the path written."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, term_path: str | Path | None = None) -> None:
         self.path = Path(path)
+        self.term_path = Path(term_path) if term_path else self.path
+        self.saved: Path | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if should_fail("sigterm", trainer.global_step):  # test-only: a scheduler's SIGTERM after this step
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if isinstance(exception, KeyboardInterrupt):
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            if trainer.state.fn == "fit":
+                trainer.save_checkpoint(self.term_path)
+                self.saved = self.term_path
+        elif isinstance(exception, KeyboardInterrupt):
             trainer.save_checkpoint(self.path)
+            self.saved = self.path
             print(f"\ninterrupted: checkpoint saved to {self.path}")
 
 

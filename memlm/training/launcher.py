@@ -63,6 +63,69 @@ def _trainer_kwargs(cfg: RunConfig, run_dir: Path) -> dict:
     return kw
 
 
+def _type_ok(value, hint) -> bool:
+    """Does ``value`` fit the simple parts of a Trainer annotation? Unknown (class / callable) parts accept anything:
+    the dry construction in :func:`validate_trainer` checks those."""
+    import typing
+    from collections.abc import Iterable
+
+    origin = typing.get_origin(hint)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is Iterable or hint is Iterable:
+        return not isinstance(value, (str, bytes))
+    return True  # Accelerator, Strategy, Logger, timedelta, Path...: left to the dry construction
+
+
+def validate_trainer(kw: dict) -> None:
+    """Check the ``trainer`` section's values (not only its keys) before anything is written: each value against
+    ``lightning.Trainer``'s annotation, then a dry construction (no logger, callbacks or checkpoints) that runs
+    Lightning's own checks (accelerator, strategy, precision, devices, val_check_interval ...)."""
+    import logging
+    import typing
+
+    import lightning as L
+
+    hints = typing.get_type_hints(L.Trainer.__init__)
+    for k, v in kw.items():
+        if k in hints and not _type_ok(v, hints[k]):
+            want = getattr(hints[k], "__name__", None) if isinstance(hints[k], type) else None
+            want = want or str(hints[k]).replace("typing.", "").replace("NoneType", "None")
+            raise ConfigError(f"trainer.{k}: {v!r} is not a valid value (lightning.Trainer expects {want})")
+    dry = {k: v for k, v in kw.items() if k not in ("logger", "callbacks", "enable_checkpointing", "plugins")}
+    dry.setdefault("enable_progress_bar", False)
+    quiet = [logging.getLogger(f"lightning.{n}.utilities.rank_zero") for n in ("pytorch", "fabric")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)
+    try:
+        L.Trainer(logger=False, callbacks=[], enable_checkpointing=False, **dry)
+    except Exception as e:  # MisconfigurationException, ValueError, TypeError from Lightning's checks
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        names = [k for k in kw if f"`{k}" in msg or f"{k}=" in msg or f" {k} " in f" {msg} "]
+        what = f"trainer.{names[0]}" if names else "the trainer section"
+        raise ConfigError(f"{what} is not valid for lightning.Trainer: {msg}") from None
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
+
+
 def fsdp_strategy():
     """FSDP with one unit per transformer block. The memory value table (Memory+: one pool shared by every memory
     layer) stays in the root unit, so its rows, gradients and optimizer state are sharded across all ranks at rest and
@@ -87,7 +150,7 @@ def _resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
     return ckpt_path
 
 
-def _check_ckpt_matches(ckpt_path: str, cfg: RunConfig, tokenizer_sha256: str | None = None) -> None:
+def _check_ckpt_matches(ckpt_path: str, cfg: RunConfig, tokenizer=None) -> None:
     """Refuse to resume from an unreadable checkpoint, one trained with another tokenizer, or one of another
     architecture (with one clear line, not a shape traceback)."""
     from memlm.export import verify_checkpoint_file
@@ -104,20 +167,8 @@ def _check_ckpt_matches(ckpt_path: str, cfg: RunConfig, tokenizer_sha256: str | 
     saved = (hp or {}).get("config", {}) if isinstance(hp, dict) else {}
     if not saved or "model" not in saved:
         raise CheckpointError(f"{ckpt_path} is not a memlm training checkpoint")
-    saved_tok = (ckpt.get("memlm") or {}).get("tokenizer_sha256")
-    if saved_tok is None and hp.get("tokenizer_path"):  # checkpoints written before the stamp: the run's tokenizer dir
-        from memlm.data.tokenizer import META_FILE
-
-        meta = Path(hp["tokenizer_path"]) / META_FILE
-        try:
-            saved_tok = yaml.safe_load(meta.read_text(encoding="utf-8")).get("sha256") if meta.is_file() else None
-        except (OSError, yaml.YAMLError, AttributeError):
-            saved_tok = None
-    if tokenizer_sha256 and saved_tok and saved_tok != tokenizer_sha256:
-        raise CheckpointError(
-            f"{ckpt_path} was trained with another tokenizer (sha256 {saved_tok[:12]}; this run's data.tokenizer gives "
-            f"{tokenizer_sha256[:12]}): resume with the data and tokenizer settings of the run that wrote it"
-        )
+    if tokenizer is not None:
+        _check_tokenizer_matches(ckpt_path, ckpt.get("memlm") or {}, hp.get("tokenizer_path"), tokenizer)
     if saved["model"] != to_dict(cfg.model):
         diff = sorted(
             k
@@ -129,8 +180,79 @@ def _check_ckpt_matches(ckpt_path: str, cfg: RunConfig, tokenizer_sha256: str | 
         )
 
 
+def _check_tokenizer_matches(ckpt_path: str, stamp: dict, tok_path: str | None, tokenizer) -> None:
+    """Refuse a resume whose tokenizer encodes text differently from the checkpoint's, naming the setting that differs
+    (corpus, vocab_size, model_type ...). Byte-identical or equal in content (a cache rebuilt by an older version, whose
+    proto named a temp path) is accepted."""
+    from memlm.data.tokenizer import Tokenizer
+
+    saved_sha = stamp.get("tokenizer_sha256")
+    saved_content = stamp.get("tokenizer_content_sha256")
+    saved_meta = stamp.get("tokenizer") or {}
+    saved_tok = None
+    if tok_path and Path(tok_path).is_dir():  # the tokenizer saved beside the run that wrote the checkpoint
+        try:
+            saved_tok = Tokenizer.load(tok_path)
+        except Exception:
+            saved_tok = None
+    if saved_tok is not None:
+        saved_sha = saved_sha or saved_tok.hash
+        saved_content = saved_content or saved_tok.content_hash
+        saved_meta = saved_meta or saved_tok.meta
+    if saved_sha is None or saved_sha == tokenizer.hash or saved_content == tokenizer.content_hash:
+        return
+    if saved_content is None and saved_tok is None:
+        return  # nothing to compare against (a checkpoint of another program): the architecture check still runs
+    names = {
+        "corpus": "the corpus (data.sources / their files)",
+        "vocab_size": "data.tokenizer.vocab_size",
+        "model_type": "data.tokenizer.model_type",
+        "input_sentence_size": "data.tokenizer.input_sentence_size",
+        "character_coverage": "data.tokenizer.character_coverage",
+        "format": "the tokenizer format version",
+    }
+    diff = [f"{names.get(k, k)}: {str(saved_meta.get(k))[:12]} in the checkpoint, {str(tokenizer.meta.get(k))[:12]} now"
+            for k in names if k in saved_meta and saved_meta.get(k) != tokenizer.meta.get(k)]  # fmt: skip
+    if diff:
+        cause = "; ".join(diff)
+    else:
+        cause = ("the same settings but different vocabularies — the tokenizer was retrained by another SentencePiece "
+                 "version or machine; pass the run's own tokenizer with --data.tokenizer.path="
+                 f"{tok_path or '<run_dir>/tokenizer'}")  # fmt: skip
+    raise CheckpointError(f"{ckpt_path} was trained with another tokenizer ({cause}): resume with the data and "
+                          "tokenizer settings of the run that wrote it")  # fmt: skip
+
+
+def _global_rank() -> int:
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return _get_rank() or 0
+
+
 def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
-    """Run training as configured; returns the summary dict (also printed)."""
+    """Run training as configured; returns the summary dict (also printed).
+
+    The run directory ``<train.run_dir>/<train.name>`` is refused when it exists (unless resuming with ``ckpt_path``)
+    and locked while the run writes it; the ``trainer`` section is checked before anything is written. A directory
+    this call created is removed again when it fails before writing anything into it.
+    """
+    from memlm.utils.rundir import RunDir, check_name
+
+    check_name(cfg.train.name, "train.name")
+    run_dir = Path(cfg.train.run_dir) / cfg.train.name
+    validate_trainer(_trainer_kwargs(cfg, run_dir))
+    owned = RunDir.claim(run_dir, resume=ckpt_path is not None, what="run directory",
+                         hint="resume it with --ckpt_path last", lock=_global_rank() == 0)  # fmt: skip
+    failed = True
+    try:
+        summary = _train(cfg, ckpt_path, run_dir)
+        failed = False
+        return summary
+    finally:
+        owned.release(failed=failed)
+
+
+def _train(cfg: RunConfig, ckpt_path: str | None, run_dir: Path) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -144,11 +266,14 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
 
     t_start = time.perf_counter()
     setup_console()  # data preparation messages (fetch, corpus, tokenizer) are shown; Lightning's noise is not
-    from memlm.training.reliability import NonFiniteGuard, RNGState, RunStamp, clean_checkpoint_dir
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from memlm.training.reliability import NonFiniteGuard, RNGState, RunStamp, RunTerminated, clean_checkpoint_dir
     from memlm.utils.atomic import atomic_write_text
 
-    run_dir = Path(cfg.train.run_dir) / cfg.train.name
-    clean_checkpoint_dir(run_dir / "checkpoints")  # temp files of a run killed while saving
+    if _global_rank() == 0:  # we hold the run's lock: temp files here are a killed run's (export, losses, checkpoint)
+        clean_checkpoint_dir(run_dir)
+        clean_checkpoint_dir(run_dir / "checkpoints")
     ckpt_path = _resolve_ckpt(ckpt_path, run_dir)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
@@ -159,7 +284,7 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
     if cfg.model.vocab_size != tokenizer.vocab_size:  # the tokenizer is the source of truth for the vocabulary
         cfg.model.vocab_size = tokenizer.vocab_size
     if ckpt_path:
-        _check_ckpt_matches(ckpt_path, cfg, tokenizer.hash)
+        _check_ckpt_matches(ckpt_path, cfg, tokenizer)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = tokenizer.save(run_dir / "tokenizer")
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -173,29 +298,42 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
             save_last=True,  # only last.ckpt: a step-numbered copy beside it doubles disk use (GBs at 1M slots)
             save_top_k=0,
             every_n_train_steps=cfg.train.checkpoint_every,
+            enable_version_counter=False,  # never last-v1.ckpt beside last.ckpt: --ckpt_path last is the last one
         ),
         LearningRateMonitor(logging_interval="step"),
         throughput,
         stats,
-        SaveOnInterrupt(run_dir / "checkpoints" / "interrupted.ckpt"),
-        LossRecorder(run_dir / "train_losses.json"),
+        interrupt := SaveOnInterrupt(run_dir / "checkpoints/interrupted.ckpt", run_dir / "checkpoints/last.ckpt"),
+        recorder := LossRecorder(run_dir / "train_losses.json"),
         NonFiniteGuard(cfg.train.on_nonfinite),
         RNGState(),
-        RunStamp(tokenizer.hash),
+        RunStamp(tokenizer),
         *progress_callbacks(run_dir, cfg.trainer, cfg.train.progress_every, cfg.train.progress_seconds),
     ]
     trainer = L.Trainer(logger=logger, callbacks=callbacks, **_trainer_kwargs(cfg, run_dir))
     first_loss = _initial_val_loss(module, dm)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except SIGTERMException:  # a scheduler / `timeout` stopped the run: SaveOnInterrupt wrote a resumable checkpoint
+        where = f"checkpoint saved to {interrupt.saved}" if interrupt.saved else "no checkpoint could be saved"
+        raise RunTerminated(f"stopped by SIGTERM at step {trainer.global_step}: {where}; resume with --ckpt_path last")
     if trainer.interrupted:
         return {"interrupted": True}
+    losses = recorder.losses  # LossRecorder: the whole curve, restored from the checkpoint on resume
+    old = _read_summary(run_dir / "summary.yaml")
+    exported = not cfg.train.export or (run_dir / "export" / "model.safetensors").is_file()
+    if throughput.tokens == 0 and old is not None and old.get("steps") == trainer.global_step and exported:
+        print(f"{run_dir}: already finished at step {trainer.global_step}; nothing to do (summary.yaml kept)")
+        print_summary(old)
+        return old
     val = trainer.validate(module, datamodule=dm, verbose=False)
+    tokens_per_s = throughput.tokens_per_s if throughput.tokens else (old or {}).get("tokens_per_s")
     summary = {
         "steps": trainer.global_step,
         "initial_val_loss": first_loss,
-        "train_loss": float(module.last_train_loss),
+        "train_loss": float(losses[max(losses)]) if losses else float(module.last_train_loss),
         "val_loss": float(val[0]["val/loss"]) if val else float("nan"),
-        "tokens_per_s": throughput.tokens_per_s,
+        "tokens_per_s": tokens_per_s,
         "wall_s": None,
         "run_dir": str(run_dir),
         "tensorboard": str(run_dir / "tensorboard"),
@@ -211,6 +349,14 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
         atomic_write_text(run_dir / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
         print_summary(summary)
     return summary
+
+
+def _read_summary(path: Path) -> dict | None:
+    try:
+        s = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    return s if isinstance(s, dict) and "steps" in s else None
 
 
 @torch.no_grad()
@@ -229,10 +375,11 @@ def _initial_val_loss(module, dm) -> float:
 
 def print_summary(s: dict) -> None:
     print("\n=== memlm training summary ===")
-    print(f"steps            {s['steps']}   wall {s['wall_s']:.0f} s")
+    print(f"steps            {s['steps']}   wall {s.get('wall_s') or 0:.0f} s")
     v0, v1, tl = s["initial_val_loss"], s["val_loss"], s["train_loss"]
     print(f"val loss         {v0:.3f} (step 0) -> {v1:.3f}   train loss {tl:.3f}")
-    print(f"throughput       {s['tokens_per_s']:.0f} tokens/s")
+    tps = s.get("tokens_per_s")
+    print(f"throughput       {'n/a' if tps is None else f'{tps:.0f}'} tokens/s")
     if "fact_recall" in s:
         fr = s["fact_recall"]
         print(f"fact recall      {fr['exact_match']:.1%} exact match on {fr['n']} pretraining facts")
@@ -244,9 +391,11 @@ def print_summary(s: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory_in_heap()  # CPU step time: no page faults on the large per-step buffers
-    from memlm.training.reliability import NonFiniteError
+    from memlm.training.reliability import NonFiniteError, RunTerminated, resume_hint
     from memlm.utils.atomic import DiskFullError, is_disk_full
+    from memlm.utils.rundir import describe_os_error
 
+    cfg = None
     try:
         args, overrides = parse_args(argv)
         cfg = resolve_config(args, overrides)
@@ -258,10 +407,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunTerminated as e:  # SIGTERM: not the user's error, but a scheduler must see that the run did not finish
+        print(f"terminated: {e}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports for a process killed by it
     except OSError as e:  # a full disk while writing a checkpoint, export or log: nothing half-written was kept
+        hint = "free space and retry"
+        if cfg is not None:
+            hint = resume_hint(Path(cfg.train.run_dir) / cfg.train.name / "checkpoints" / "last.ckpt")
         if is_disk_full(e):
             print(f"error: {e.strerror if isinstance(e, DiskFullError) else f'disk full writing {e.filename}: {e}'}"
-                  "; free space and resume with --ckpt_path last", file=sys.stderr)  # fmt: skip
+                  f"; {hint}", file=sys.stderr)  # fmt: skip
+            return 2
+        msg = describe_os_error(e)  # read-only run dir / export dir / cache, a file where a directory belongs
+        if msg:
+            print(f"error: {msg}", file=sys.stderr)
             return 2
         raise
     except ValueError as e:  # DataError and other user-input errors raised as ValueError subclasses

@@ -15,6 +15,7 @@ optimizer / LR-scheduler / loop state, a run resumed from a checkpoint continues
 
 from __future__ import annotations
 
+import errno
 import math
 import random
 from pathlib import Path
@@ -79,7 +80,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             )
 
         def write(f) -> None:
-            torch.save(checkpoint, f)
+            rec = _ErrorRecordingFile(f, fail_after=4096 if should_fail("enospc_in_save", step) else None)
+            try:
+                torch.save(checkpoint, rec)
+            except RuntimeError:  # the zip writer wraps the OSError of a write (disk full) into its own RuntimeError
+                if rec.error is not None:
+                    raise rec.error from None
+                raise
             if should_fail("kill_in_save", step):  # test-only: die with the new checkpoint half-way to its place
                 f.flush()
                 kill_self()
@@ -87,15 +94,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             atomic_write(path, write)
         except DiskFullError as e:
-            raise CheckpointError(
-                f"disk full while writing checkpoint {path} (global step {step}); the previous checkpoint is intact "
-                "— free space and resume with --ckpt_path last"
-            ) from e
+            msg = f"disk full while writing checkpoint {path} (global step {step}); {resume_hint(path)}"
+            raise CheckpointError(msg) from e
+
+
+class _ErrorRecordingFile:
+    """A file wrapper for ``torch.save`` that keeps the OSError a write raised (``fail_after``: test-only, a disk that
+    fills up after that many bytes)."""
+
+    def __init__(self, f, fail_after: int | None = None) -> None:
+        self._f, self._left, self.error = f, fail_after, None
+
+    def write(self, data) -> int:
+        try:
+            if self._left is not None:
+                if len(data) > self._left:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                self._left -= len(data)
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def resume_hint(ckpt_path: str | Path) -> str:
+    """What to do after a failed save: resume from the checkpoint that is there, or (none yet) start over."""
+    last = Path(ckpt_path).with_name("last.ckpt")
+    if last.is_file():
+        return f"the previous checkpoint {last} is intact — free space and resume with --ckpt_path last"
+    run_dir = Path(ckpt_path).parent.parent
+    return f"no checkpoint has been saved yet — free space, delete {run_dir} and start the run again"
 
 
 def clean_checkpoint_dir(directory: str | Path) -> None:
-    """Remove temp files a killed run left half-written in ``directory`` (never a complete checkpoint)."""
-    for p in remove_stale_temps(directory):
+    """Remove temp files (and export temp directories) a killed run left half-written in ``directory`` (never a
+    complete checkpoint or export)."""
+    for p in remove_stale_temps(directory, dirs=True):
         rank_zero_warn(f"removed a half-written checkpoint left by an interrupted run: {p}")
 
 
@@ -125,13 +162,21 @@ class RNGState(L.Callback):
 
 
 class RunStamp(L.Callback):
-    """Writes ``checkpoint["memlm"] = {"tokenizer_sha256": ...}`` so a resume can check it uses the same tokenizer."""
+    """Writes ``checkpoint["memlm"] = {"tokenizer_sha256", "tokenizer_content_sha256", "tokenizer"}`` (file hash,
+    hash of what encodes text, training settings) so a resume can check it uses the same tokenizer and, when not,
+    say which setting differs."""
 
-    def __init__(self, tokenizer_sha256: str | None) -> None:
-        self.tokenizer_sha256 = tokenizer_sha256
+    def __init__(self, tokenizer: Any) -> None:
+        self.stamp = {"tokenizer_sha256": getattr(tokenizer, "hash", None),
+                      "tokenizer_content_sha256": getattr(tokenizer, "content_hash", None),
+                      "tokenizer": dict(getattr(tokenizer, "meta", None) or {})}  # fmt: skip
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        checkpoint["memlm"] = {"tokenizer_sha256": self.tokenizer_sha256}
+        checkpoint["memlm"] = dict(self.stamp)
+
+
+class RunTerminated(Exception):
+    """SIGTERM stopped the run (a resumable checkpoint was saved); the message is the one line to print."""
 
 
 class NonFiniteGuard(L.Callback):

@@ -48,11 +48,29 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int = 0o644) -> Path:
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` would give under the process umask (temp files are created private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def chmod_tree(root: str | Path) -> None:
+    """Give ``root`` and everything under it the umask's default modes (for trees assembled from private temp
+    files, e.g. an export: readable by the other users of a shared machine as any file the user writes)."""
+    root = Path(root)
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, default_mode(directory=p.is_dir()))
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int | None = None) -> Path:
     """Write ``path`` by calling ``write(fileobj)`` on a temp file in the same directory, then fsync and rename.
 
-    On any error (or KeyboardInterrupt) the temp file is removed and ``path`` keeps its old content.
+    On any error (or KeyboardInterrupt) the temp file is removed and ``path`` keeps its old content. ``mode``: the
+    final file's mode (default: what the umask gives a new file).
     """
+    mode = default_mode() if mode is None else mode
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
@@ -85,14 +103,21 @@ def atomic_write_json(path: str | Path, obj: object, indent: int | None = 1) -> 
     return atomic_write_bytes(path, json.dumps(obj, indent=indent, ensure_ascii=False).encode("utf-8"))
 
 
-def remove_stale_temps(directory: str | Path) -> list[Path]:
-    """Delete temp files left in ``directory`` by a writer that was killed mid-write; returns what was removed."""
+def remove_stale_temps(directory: str | Path, dirs: bool = False) -> list[Path]:
+    """Delete temp files left in ``directory`` by a writer that was killed mid-write; returns what was removed.
+    ``dirs``: also temp directories (``.<name>.tmp-*``, ``.<name>.old-*`` of :func:`memlm.export.save_pretrained`).
+    Call it only while owning ``directory`` (its run's lock), so no live writer's temp file is taken."""
+    import shutil
+
     d = Path(directory)
     removed = []
     if d.is_dir():
-        for p in d.glob(f".*{TMP_MARK}*"):
-            if p.is_file():
+        for p in [*d.glob(f".*{TMP_MARK}*"), *(d.glob(".*.old-*") if dirs else [])]:
+            if p.is_file() and TMP_MARK in p.name:
                 p.unlink(missing_ok=True)
+                removed.append(p)
+            elif dirs and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
 

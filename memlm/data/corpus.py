@@ -6,6 +6,9 @@ plus a content hash that keys every cache downstream (tokenizer, packed token fi
 
 File formats: ``text`` = documents separated by blank lines; ``jsonl`` = one JSON object per line with a ``text_field``;
 ``parquet`` = a ``text_field`` column. ``path`` may be a file, a directory (its files of that kind, sorted) or a glob.
+Built-in sources: ``wiki``, ``worldfacts`` and ``people`` (invented individuals at exact exposure levels, from
+``data.people``; its documents never go to the validation split, and ``data.people.mix`` resamples the other sources
+so people text is that share of the corpus bytes; see :mod:`memlm.data.people`).
 """
 
 from __future__ import annotations

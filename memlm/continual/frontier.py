@@ -124,7 +124,8 @@ def _fmt(agg: dict[str, Any], key: str, pct: bool = True) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The frontier table (every point, frontier points marked) and the matched-learning comparison."""
+    """The frontier table (every point, frontier points marked; the frontier is taken over ``report["forgetting"]``)
+    and the matched-learning comparison."""
     lines = [
         "| method | setting | seeds | learning F1 % | forgetting F1 % (known held-in) | held-out ppl +% | "
         "held-in (all) F1 drop % | frontier |",
@@ -138,9 +139,10 @@ def markdown(report: dict[str, Any]) -> str:
         )
     m = report.get("matched")
     if m and m.get("level") is not None:
-        lines += ["", f"Forgetting at matched learning (new-fact F1 = {100 * m['level']:.1f} %, the highest level "
-                      "every method's frontier reaches; linear between frontier points):", "",
-                  "| method | forgetting F1 % | ± SE | × sparse_memory |", "|---|---|---|---|"]  # fmt: skip
+        lines += ["", f"Forgetting ({report.get('forgetting', FORGET)}) at matched learning (new-fact F1 = "
+                      f"{100 * m['level']:.1f} %, the highest level every method's frontier reaches; linear between "
+                      "frontier points):", "",
+                  "| method | forgetting % | ± SE | × sparse_memory |", "|---|---|---|---|"]  # fmt: skip
         ref = m["forgetting"].get("sparse_memory", {}).get("mean")
         for meth, e in m["forgetting"].items():
             v, se = e.get("mean"), e.get("se")
@@ -158,12 +160,14 @@ def plot(report: dict[str, Any], out_png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fg = report.get("forgetting", FORGET)
+    panels = (fg, "ppl_increase" if fg != "ppl_increase" else FORGET)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"sparse_memory": "tab:green", "full": "tab:red", "lora": "tab:blue", "memory_only": "tab:orange"}
     for meth in dict.fromkeys(p["method"] for p in report["points"]):
         pts = [p for p in report["points"] if p["method"] == meth]
         c = colors.get(meth)
-        for ax, key in zip(axes, (FORGET, "ppl_increase")):
+        for ax, key in zip(axes, panels):
             xs = [100 * p["agg"][LEARN]["mean"] for p in pts if p["agg"].get(key, {}).get("mean") is not None]
             ys = [100 * p["agg"][key]["mean"] for p in pts if p["agg"].get(key, {}).get("mean") is not None]
             ax.scatter(xs, ys, color=c, alpha=0.3, s=18)
@@ -177,12 +181,19 @@ def plot(report: dict[str, Any], out_png: str | Path) -> Path:
                     yerr=[100 * (p["agg"][key].get("se") or 0) for p in front],
                     color=c, marker="o", label=meth, capsize=3,
                 )  # fmt: skip
-    axes[0].set_ylabel("forgetting: F1 drop on known held-in facts (%)")
-    axes[1].set_ylabel("held-out text perplexity increase (%)")
+    names = {
+        FORGET: "F1 drop on known held-in facts (%)",
+        "forgetting_em": "EM drop on known held-in facts (%)",
+        "ppl_increase": "held-out text perplexity increase (%)",
+        "heldin_all_f1_drop": "held-in F1 drop (%)",
+    }
+    for ax, key in zip(axes, panels):
+        ax.set_ylabel(names.get(key, key))
     for ax in axes:
         ax.set_xlabel("learning: F1 on the new facts (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.suptitle("learning vs forgetting (frontier per method, mean ± SE over seeds)")
     fig.tight_layout()
     out_png = Path(out_png)

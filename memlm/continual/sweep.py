@@ -12,6 +12,7 @@ The sweep YAML has a ``sweep:`` section and, beside it, finetune settings shared
     sweep:
       seeds: 1                 # seeds of every grid point
       frontier_seeds: 3        # the frontier points are rerun until they have this many
+      forgetting: forgetting_f1   # the frontier's forgetting axis (memlm.continual.frontier.METRICS)
       methods:
         sparse_memory: {grid: {smf.top_t: [25, 500], optim.lr: [2.0, 20.0]}, set: {smf.df_unit: sequence}}
         full: {grid: {optim.lr: [1.0e-5, 1.0e-4]}}
@@ -81,9 +82,13 @@ def parse_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Validate the ``sweep:`` section; returns ``{"seeds", "frontier_seeds", "methods": {m: {"grid", "set"}}}``."""
     if not isinstance(spec, dict):
         raise ConfigError("the sweep config needs a 'sweep:' section (seeds, frontier_seeds, methods)")
-    unknown = sorted(set(spec) - {"seeds", "frontier_seeds", "methods"})
+    unknown = sorted(set(spec) - {"seeds", "frontier_seeds", "methods", "forgetting"})
     if unknown:
-        raise ConfigError(f"sweep: unknown key(s) {unknown} (known: seeds, frontier_seeds, methods)")
+        raise ConfigError(f"sweep: unknown key(s) {unknown} (known: seeds, frontier_seeds, forgetting, methods)")
+    forgetting = spec.get("forgetting", frontier.FORGET)
+    if forgetting not in frontier.METRICS or forgetting.startswith("learning"):
+        known = [m for m in frontier.METRICS if not m.startswith("learning")]
+        raise ConfigError(f"sweep.forgetting: {forgetting!r} is not a forgetting metric (choose from {known})")
     seeds, fseeds = spec.get("seeds", 1), spec.get("frontier_seeds", 3)
     for key, v in (("seeds", seeds), ("frontier_seeds", fseeds)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -106,7 +111,7 @@ def parse_spec(spec: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(vals, list) or not vals:
                 raise ConfigError(f"sweep.methods.{m}.grid.{k} must be a non-empty list of values, got {vals!r}")
         out[m] = {"grid": grid, "set": entry.get("set") or {}}
-    return {"seeds": seeds, "frontier_seeds": max(fseeds, seeds), "methods": out}
+    return {"seeds": seeds, "frontier_seeds": max(fseeds, seeds), "forgetting": forgetting, "methods": out}
 
 
 def seed_overrides(shared_cfg, seed: int) -> dict[str, Any]:
@@ -268,10 +273,10 @@ class Sweep:
         entries = [self.point_entry(p, summaries[(p.method, p.label)]) for p in self.points]
         return self.report(entries)
 
-    @staticmethod
-    def _fronts(entries: list[dict]) -> dict[str, list[dict]]:
+    def _fronts(self, entries: list[dict]) -> dict[str, list[dict]]:
         methods = dict.fromkeys(e["method"] for e in entries)
-        return {m: frontier.pareto([e for e in entries if e["method"] == m]) for m in methods}
+        fg = self.spec["forgetting"]
+        return {m: frontier.pareto([e for e in entries if e["method"] == m], forget=fg) for m in methods}
 
     @staticmethod
     def _on_front(p: Point, fronts: dict[str, list[dict]]) -> bool:
@@ -286,7 +291,7 @@ class Sweep:
         matched = {"level": level, "forgetting": {}}
         if level is not None:
             for m, f in fronts.items():
-                v, se = frontier.forgetting_at(f, level)
+                v, se = frontier.forgetting_at(f, level, forget=self.spec["forgetting"])
                 matched["forgetting"][m] = {"mean": v, "se": se}
         rep = {
             "command": self.command,
@@ -294,6 +299,7 @@ class Sweep:
             "date": datetime.date.today().isoformat(),
             "ckpt": str(self.ckpt),
             "spec": self.spec,
+            "forgetting": self.spec["forgetting"],
             "shared": self.shared,
             "points": entries,
             "matched": matched,

@@ -79,6 +79,9 @@ def test_no_people_document_in_the_validation_split():
     assert not any(in_val(d, 0.3, 3) for d in corpus.documents)  # re-rendered, not dropped:
     for p in P.people(data.people):
         assert sum(1 for d in corpus.documents if mentions(p.name, d)) == p.level
+    one = vars(small(levels=[3, 6], attributes=["field"], templates=4, qa_form=True))  # one sentence per document
+    corpus = build_corpus(DataConfig.from_dict({"sources": [{"kind": "people"}], "people": one, "val_fraction": 0.1}))
+    assert len(corpus) == 6 * 9 and not any(in_val(d, 0.1, 0) for d in corpus.documents)
 
 
 def test_names_are_unique_and_invented():

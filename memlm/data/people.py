@@ -212,10 +212,10 @@ def render(person: Person, appearance: int, cfg: PeopleConfig, rng: random.Rando
     """Appearance ``appearance`` of ``person``: every attribute stated once, sentences in a seeded random order.
 
     ``attempt`` > 0 asks for another rendering of the same appearance (a new order; with a single attribute, the
-    next template), used to keep the document out of the validation split."""
+    next template, and prose instead of the question form), used to keep the document out of the validation split."""
     order = list(person.values)
     rng.shuffle(order)
-    if cfg.qa_form and appearance % 2 == 1:
+    if cfg.qa_form and appearance % 2 == 1 and not (len(order) == 1 and attempt > 0):
         lines = [
             QA_TEMPLATE.format(question=ATTRIBUTES[a].question.format(name=person.name), answer=v) for a, v in order
         ]

@@ -1,4 +1,4 @@
-"""Memory inspection (memlm.inspection, eval/inspect.py) on a tiny Memory+ model with planted slots."""
+"""Memory inspection (memlm.inspection, eval/inspect_memory.py) on a tiny Memory+ model with planted slots."""
 
 from __future__ import annotations
 
@@ -238,9 +238,9 @@ def test_slot_contexts(tok, tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------------- CLI errors
 def _script(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script finds the checkout by itself
-    return subprocess.run([sys.executable, str(REPO / "eval" / "inspect.py"), *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # memlm comes from the (editable) install
+    return subprocess.run([sys.executable, str(REPO / "eval" / "inspect_memory.py"), *args], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)  # fmt: skip
 
 
 def test_cli_errors(tok, tmp_path, capsys):
@@ -259,7 +259,7 @@ def test_cli_errors(tok, tmp_path, capsys):
 
 
 def test_script_runs_from_a_checkout(tok, tmp_path):
-    """``python eval/inspect.py`` must not shadow the standard library's ``inspect`` (torch imports it)."""
+    """``python eval/inspect_memory.py`` runs as a script (no eval/ file shadows a standard-library module)."""
     mem = export(memory_model(tok.vocab_size), tmp_path / "mem", tok)
     r = _script("--ckpt", mem, "--text", TEXT, "--top-slots", "2")
     assert r.returncode == 0, r.stderr

@@ -12,23 +12,16 @@ Needs CUDA and Triton.
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import itertools
+import json
+import shlex
+from collections.abc import Callable
+from pathlib import Path
 
-# run as a script, eval/ is sys.path[0]: keep sibling scripts (e.g. eval/inspect.py) from shadowing stdlib modules
-sys.path[:] = [q for q in sys.path if os.path.abspath(q or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
 
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import runpy  # noqa: E402
-import shlex  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from memlm.utils.cli import HelpFormatter
 
 
 def _bench(fn: Callable[[], object]) -> float:
@@ -167,14 +160,15 @@ def tune_adam(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="eval/tune_kernels.py", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)  # fmt: skip
     p.add_argument("--kernels", default="topk,lookup,adam", help="comma-separated subset of topk,lookup,adam")
     p.add_argument("--rows", type=int, default=2**20, help="value-table rows")
     p.add_argument("--dim", type=int, default=1024, help="value dim")
     p.add_argument("--n_keys", type=int, default=1024, help="sub-keys per half")
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--knn", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=16384, help="query tokens per call")
+    p.add_argument("--heads", type=int, default=4, help="memory heads per token")
+    p.add_argument("--knn", type=int, default=32, help="slots read per head")
     p.add_argument("--out", type=Path, default=None, help="write all rows as JSON here")
     p.add_argument("--speed", default=None, help="then run eval/speed.py with these arguments, in this process, "
                    "with the fastest settings that match the defaults' results applied")  # fmt: skip
@@ -190,8 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.write_text(json.dumps(res, indent=1, default=str))
     if args.speed is not None:
         apply_fastest(res)
-        sys.argv = ["eval/speed.py", *shlex.split(args.speed)]
-        runpy.run_path(str(Path(__file__).with_name("speed.py")), run_name="__main__")
+        from memlm.benchmarks.cli import main as speed_main
+
+        speed_main(shlex.split(args.speed))
     return res
 
 
@@ -207,7 +202,3 @@ def apply_fastest(res: dict) -> None:
         if good:
             config.update(good[0]["setting"])
     print(f"\napplied: lookup {lookup.CONFIG}\n         topk {topk.CONFIG}\n         adam {adam_rows.CONFIG}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
-"""Fair comparison of the memory-layer variants (issue 5): train each one with the same data, token budget and seed
-through the real launcher, then write one table (markdown + JSON).
+"""Fair comparison of the memory-layer variants (behind ``eval/compare.py``): train each one with the same data,
+token budget and seed through the real launcher, then write one table (markdown + JSON).
 
 Every variant is ``configs/model/{scale}_{variant}.yaml`` (an equal-forward-FLOP ladder) dropped into the same
 pretraining recipe (``configs/pretrain/tiny.yaml`` by default): same data, tokenizer, optimizer, batch size, sequence
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import shutil
 import sys
@@ -39,13 +38,9 @@ import time
 import traceback
 from pathlib import Path
 
-# eval/ is a folder of scripts, not a package: keep its file names (e.g. a script called inspect.py) from shadowing
-# standard-library modules imported later (torch imports inspect), and import memlm from the checkout
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+from memlm.utils.cli import HelpFormatter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ("dense", "pkm", "memory_plus", "ultramem", "ultramem_v2", "peer")
 DEFAULT_PRETRAIN = "configs/pretrain/tiny.yaml"  # paths relative to the checkout (or the working directory)
 
@@ -69,6 +64,8 @@ COLUMNS = [
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
+        prog="eval/compare.py",
+        formatter_class=HelpFormatter,
         description="Train every memory variant with the same data, token budget and seed; write one table.",
         epilog="Other --section.key=value arguments are config overrides applied to every variant.",
     )
@@ -455,7 +452,3 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + md_path.read_text(encoding="utf-8"))
     print(f"[compare] wrote {md_path} and {json_path}")
     return 1 if any(r.get("error") for r in rows) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,11 @@
-"""The command line behind ``eval/inspect.py``: which slots hold which fact.
+"""The command line behind ``eval/inspect_memory.py``: which slots hold which fact.
 
 ::
 
-    python eval/inspect.py --ckpt runs/tiny/export --text "The capital of France is"
-    python eval/inspect.py --ckpt runs/tiny/export --qa worldfacts:pretrain --limit 5 --out inspect_out
-    python eval/inspect.py --ckpt runs/tiny/export --slot 81237 --layer 0 [--corpus FILE] [--docs 300]
-    python eval/inspect.py --ckpt BASE --after FINETUNED [--qa new_facts.jsonl]
+    python eval/inspect_memory.py --ckpt runs/tiny/export --text "The capital of France is"
+    python eval/inspect_memory.py --ckpt runs/tiny/export --qa worldfacts:pretrain --limit 5 --out inspect_out
+    python eval/inspect_memory.py --ckpt runs/tiny/export --slot 81237 --layer 0 [--corpus FILE] [--docs 300]
+    python eval/inspect_memory.py --ckpt BASE --after FINETUNED [--qa new_facts.jsonl]
 
 Writes a text report to stdout and, with ``--out DIR``, ``report.txt``, ``report.json`` and PNGs (``fact_slots.png``,
 ``usage.png``, ``row_changes.png``). Errors a user causes (a path that is not a checkpoint, a model without memory
@@ -40,7 +40,7 @@ USER_ERRORS = (ConfigError, CheckpointError, DataError, InspectionError, Backgro
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval/inspect.py", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="eval/inspect_memory.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--ckpt", required=True, help="export directory (runs/<name>/export) or Lightning .ckpt")
     p.add_argument("--text", action="append", default=[], help="text whose every token is traced (repeatable)")

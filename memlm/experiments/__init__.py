@@ -1,0 +1,1 @@
+"""Multi-run experiments: the variant ladder of ``eval/compare.py`` (:mod:`.compare`)."""

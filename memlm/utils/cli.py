@@ -1,0 +1,20 @@
+"""What every memlm command line shares: ``--help`` that shows each option's default."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the default is None / False / suppressed, or the help
+    text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower():
+            return text
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if isinstance(action.default, (list, tuple)) and not action.default:
+            return text
+        return text + " (default: %(default)s)"

@@ -70,7 +70,22 @@ CASES = {
     "other_architecture": lambda t, r: (["--config", TINY, "--model.dim=48", "--ckpt_path=last"],
                                         "different architecture"),
     "other_tokenizer": lambda t, r: (["--config", TINY, "--data.tokenizer.vocab_size=384", "--ckpt_path=last"],
-                                     "another tokenizer"),
+                                     "another tokenizer (data.tokenizer.vocab_size: 512 in the checkpoint, 384 now)"),
+    # issue 17: nothing of the finished run may be touched before the trainer section is known to be valid
+    "bad_trainer_value": lambda t, r: (["--config", TINY, "--trainer.max_steps=abc", "--ckpt_path=last"],
+                                       "trainer.max_steps"),
+    "bad_trainer_option": lambda t, r: (["--config", TINY, "--trainer.precision=bogus", "--ckpt_path=last"],
+                                        "trainer.precision"),
+    "fresh_run_into_existing_dir": lambda t, r: (["--config", TINY, "--train.name=good"], "already exists"),
+    "run_name_dotdot": lambda t, r: (["--config", TINY, "--train.name=.."], "plain directory name"),
+    "run_name_is_a_file": lambda t, r: (["--config", TINY, "--train.name=" + Path(_write(r.parent, "f", "x")).name],
+                                        "is a file"),
+    "run_dir_is_a_file": lambda t, r: (["--config", TINY, f"--train.run_dir={_write(t, 'rd', 'x')}"], "is a file"),
+    "disk_full_in_zip_writer": lambda t, r: (["--config", TINY, "--trainer.max_steps=4", "--ckpt_path=last"],
+                                             "is intact — free space and resume with --ckpt_path last"),
+    "one_huge_line": lambda t, r: (["--config", TINY,
+                                    f"--data.sources=[{{kind: text, path: {_write(t, 'h.txt', 'ab ' * 7000)}}}]"],
+                                   "longer than 16384 bytes"),
     "disk_full_checkpoint": lambda t, r: (["--config", TINY, "--trainer.max_steps=4", "--ckpt_path=last"],
                                           "disk full while writing checkpoint"),
     "disk_full_export": lambda t, r: (["--config", TINY, "--ckpt_path=last"], "disk full while writing the export"),
@@ -88,18 +103,21 @@ def test_train_bad_input_is_one_clear_error(case, base, tmp_path, monkeypatch, c
     run = tmp_path / "runs" / "good"
     shutil.copytree(base / "good", run)
     ckpt, export = run / "checkpoints" / "last.ckpt", run / "export" / "model.safetensors"
-    before = {p: _sha(p) for p in (ckpt, export)}
+    before = {p: _sha(p) for p in (ckpt, export, run / "config.yaml", run / "tokenizer" / "tokenizer.model",
+                                   run / "summary.yaml")}  # fmt: skip
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("MEMLM_CACHE", str(base / "cache"))
     if case == "disk_full_checkpoint":
         monkeypatch.setattr(torch, "save", _disk_full)
     if case == "disk_full_export":
         monkeypatch.setattr("memlm.export.save_model", lambda model, path: _disk_full(None, open(path, "wb")))
+    if case == "disk_full_in_zip_writer":  # the real torch.save; its zip writer turns the ENOSPC into a RuntimeError
+        monkeypatch.setenv("MEMLM_FAULT", "enospc_in_save@4")
     argv, needle = CASES[case](tmp_path, run)
     resume = any(a.startswith("--ckpt_path") for a in argv)
-    name = "good" if resume else "fresh"  # a fresh run into the good run's directory is refused (test below)
+    name = "good" if resume else "fresh"  # a fresh run into the good run's directory is refused (its own case)
     capsys.readouterr()
-    code = main([*argv, *FAST[1:], f"--train.run_dir={tmp_path / 'runs'}", f"--train.name={name}"])
+    code = main([*FAST[1:], f"--train.run_dir={tmp_path / 'runs'}", f"--train.name={name}", *argv])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2, err[-3000:]
@@ -107,6 +125,8 @@ def test_train_bad_input_is_one_clear_error(case, base, tmp_path, monkeypatch, c
     assert "Traceback" not in err
     # nothing half-written: no temp files anywhere, the last checkpoint and the export untouched
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name], list(tmp_path.rglob("*.tmp-*"))
+    if case.startswith("disk_full"):  # the resumed run's config.yaml is its own (more steps)
+        before.pop(run / "config.yaml")
     if case == "disk_full_export":  # the resumed run trained 4 more steps: its checkpoint moved on, the export not
         before.pop(ckpt)
     assert {p: _sha(p) for p in before} == before

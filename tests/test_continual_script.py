@@ -76,9 +76,9 @@ def test_script_end_to_end(env):
     assert {"heldin", "heldout_text"} <= set(st["forgetting"])
     assert 0 < st["train"]["mean_smf/selected"] <= 16
     assert (env["ckpt"] / "smf_background.pt").is_file()
-    # a second run reuses the background statistics
-    assert script.main(_args(env, out, "--quiet")) == 0
-    assert json.loads((run / "summary.json").read_text())["background"]["computed_now"] is False
+    # a second run (its own out dir: an existing one is never overwritten) reuses the background statistics
+    assert script.main(_args(env, out, "--quiet", "--name=again")) == 0
+    assert json.loads((out / "again" / "summary.json").read_text())["background"]["computed_now"] is False
 
 
 def test_compare_all_methods(env, capsys):

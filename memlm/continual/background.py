@@ -14,9 +14,9 @@ reused by later runs, and recomputed only when asked: statistics of another chec
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import os
-import tempfile
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,15 +134,9 @@ class BackgroundStats:
             "seq_df": None if self.seq_df is None else [d.cpu() for d in self.seq_df],
             "n_seqs": self.n_seqs,
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        from memlm.utils.atomic import atomic_write
+
+        return atomic_write(path, lambda f: torch.save(payload, f))  # temp ".<name>.tmp-*": the cleanup's naming
 
     @classmethod
     def load(cls, path: str | Path) -> BackgroundStats:
@@ -267,11 +261,30 @@ def load_or_compute(
     }
     path = Path(smf.background_path) if smf.background_path else default_path(ckpt)
     wh = weights_hash(model)
+    if not smf.background_path and not path.is_file() and fallback_path(wh, settings).is_file():
+        path = fallback_path(wh, settings)  # saved there by an earlier run: the checkpoint's directory is read-only
     if path.is_file() and not smf.recompute_background:
         stats = BackgroundStats.load(path)
         stats.check(model, wh, settings, str(path))
         return stats, path, False
     batches = pretraining_batches(data_cfg, tokenizer, seq_len, smf.background_batch_size)
     stats = compute_background(model, batches, smf.background_batches, wh, settings, progress)
-    stats.save(path)
+    try:
+        stats.save(path)
+    except OSError as e:  # a read-only export dir: keep the counts in the cache instead of failing after the work
+        if smf.background_path or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        alt = fallback_path(wh, settings)
+        stats.save(alt)
+        print(f"note: cannot write SMF background statistics beside the checkpoint ({path}: {e.strerror}); saved "
+              f"them to {alt} (set smf.background_path to choose)", file=sys.stderr)  # fmt: skip
+        path = alt
     return stats, path, True
+
+
+def fallback_path(wh: str, settings: dict[str, Any]) -> Path:
+    """Where statistics go when the checkpoint's directory is read-only: the memlm cache, keyed by weights and
+    settings (so a later run of the same checkpoint finds them)."""
+    from memlm.data.cache import cache_root, sha256_json
+
+    return cache_root() / "smf_background" / f"{wh[:20]}-{sha256_json(settings)[:12]}.pt"

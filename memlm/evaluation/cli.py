@@ -21,6 +21,7 @@ from memlm.evaluation.runner import evaluate, format_table
 from memlm.evaluation.tasks import TaskError, known_tasks, resolve_tasks
 from memlm.export import CheckpointError
 from memlm.utils.malloc import keep_freed_memory_in_heap
+from memlm.utils.rundir import check_new_file, ensure_writable_dir
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, TaskError)
 
@@ -59,6 +60,37 @@ def load_checkpoint(path: str | Path, tokenizer: str | None = None, device: str 
     if tok is None:
         raise CheckpointError(f"{path} has no tokenizer; pass --tokenizer DIR")
     return model, tok, run_config, meta
+
+
+def read_results_json(path: str | Path) -> dict[str, Any]:
+    """The results of ``eval/run.py --out`` or of a continual stage (``stage_<k>.json`` / ``base.json``: their
+    evaluation is used); anything else is one clear error naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path} is not a results JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("results"), dict) and "tasks" in data["results"]:
+        data = data["results"]  # a continual stage_<k>.json: {summary..., "results": {"tasks": ...}}
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(tasks, dict) or not all(isinstance(e, dict) and "metrics" in e for e in tasks.values()):
+        raise DataError(f"{path} is not a results JSON of eval/run.py or a continual stage (no tasks with metrics)")
+    return data
+
+
+def check_same_examples(base: dict[str, Any], after: dict[str, Any], base_name: str, after_name: str) -> None:
+    """A drop means something only over the same examples: refuse results whose shared tasks were scored on other
+    example sets (another --limit, --shots, split or source)."""
+    for task, b in base["tasks"].items():
+        a = after["tasks"].get(task)
+        if a is None:
+            continue
+        for key in ("n", "shots", "split", "source"):
+            if key in b and key in a and b[key] != a[key]:
+                limits = [r.get("config", {}).get("limit") for r in (base, after)]
+                raise DataError(
+                    f"{after_name} and {base_name} scored task {task} on different examples ({key}: {a[key]} vs "
+                    f"{b[key]}; --limit {limits[1]} vs {limits[0]}): evaluate both with the same --limit and --shots"
+                )
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
@@ -110,12 +142,26 @@ def _run(args, ckpt: str, partial: Path | None = None) -> dict[str, Any]:
     return res
 
 
+def _check_limit(args) -> None:
+    """``--limit -1`` would slice off the last example and ``--limit 0`` mean "no rows": refuse both."""
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be a positive number of examples, got {args.limit} (leave it out for all)")
+
+
 def _guard(main):
     def wrapped(argv: list[str] | None = None) -> int:
         try:
             return main(argv)
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # read-only or full disk, a file where a directory belongs: one line
+            from memlm.utils.rundir import describe_os_error
+
+            msg = describe_os_error(e)
+            if msg is None:
+                raise
+            print(f"error: {msg}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
@@ -142,8 +188,13 @@ def run_main(argv: list[str] | None = None) -> int:
         return 0
     if not args.ckpt:
         p.error("--ckpt is required")
+    _check_limit(args)
     out = Path(args.out) if args.out else None
     partial = out.with_name(out.name + ".partial.jsonl") if out else None
+    if out:  # before the work: an --out that is a directory, exists or cannot be written fails now, not at the end
+        check_new_file(out, "--out")
+    if args.tensorboard:
+        ensure_writable_dir(args.tensorboard, "--tensorboard directory")
     res = _run(args, args.ckpt, partial)
     print(format_table(res))
     if out:
@@ -178,23 +229,25 @@ def forgetting_main(argv: list[str] | None = None) -> int:
         return 0
     if not args.base or not args.after:
         p.error("--base and --after are required")
+    _check_limit(args)
+    out = Path(args.out)
+    for name in ("forgetting.json", "forgetting.png"):  # before the work; never overwritten
+        check_new_file(out / name, f"--out {out}:")
 
     def results_of(path: str) -> dict[str, Any]:
         if path.endswith(".json") and Path(path).is_file():
-            try:
-                return json.loads(Path(path).read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise DataError(f"{path} is not a results JSON ({e})") from None
+            return read_results_json(path)
         return _run(args, path)
 
     base = results_of(args.base)
     afters = [results_of(a) for a in args.after]
+    for a, res in zip(args.after, afters):
+        check_same_examples(base, res, args.base, a)
     labels = [Path(a).name or str(a) for a in args.after]
     if len(set(labels)) != len(labels):
         labels = [f"{i + 1}:{lab}" for i, lab in enumerate(labels)]
     report = forgetting_report(base, afters, labels=labels, base_label=Path(args.base).name or "base")
     report["results"] = {"base": base, "after": afters}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "forgetting.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     png = plot_forgetting(report, out / "forgetting.png")

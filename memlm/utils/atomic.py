@@ -72,8 +72,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int 
     """
     mode = default_mode() if mode is None else mode
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
+    except OSError as e:  # read-only directory, a file in the way: name the file being written, not a temp name
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -123,6 +123,11 @@ class RunDir:
         except OSError as e:
             raise RunDirError(f"cannot create {what} {path} ({e.strerror}): choose a writable location") from None
         fd = cls._lock(path, what)
+        try:
+            _probe_writable(path, what)  # a read-only run dir fails now, not at its first checkpoint
+        except RunDirError:
+            os.close(fd)
+            raise
         owned = cls(path, created, fd)
         _HELD[str(path.resolve())] = owned
         return owned
@@ -178,6 +183,19 @@ class RunDir:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.release(failed=exc_type is not None)
+
+
+def check_new_file(path: str | Path, what: str, resumable: Path | None = None) -> Path:
+    """Before any work: ``path`` can be written as a new file (not a directory, not an existing file — it is never
+    overwritten — in a writable directory, created if missing). ``resumable``: the partial-results file whose
+    presence makes this a resumed run (then ``path`` may not exist yet either way)."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunDirError(f"{what} {path} is a directory: give the path of the file to write")
+    if path.exists():
+        raise RunDirError(f"{what} {path} already exists (written by an earlier run): choose another path or delete it")
+    ensure_writable_dir(path.parent, f"the directory of {what}")
+    return path
 
 
 def release_all(failed: bool = True) -> None:

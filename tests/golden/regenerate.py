@@ -50,12 +50,17 @@ def compare(losses: dict[str, float], golden: dict[str, float]) -> list[str]:
     return problems
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="tests/golden/regenerate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="compare only (exit 1 on a difference); write nothing")
+    args = p.parse_args(argv)  # --help prints this and exits before anything is trained or written
     os.chdir(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("MEMLM_CACHE", str(Path(tmp) / "cache"))
         losses = golden_losses(Path(tmp) / "runs")
-    if "--check" in sys.argv:
+    if args.check:
         problems = compare(losses, json.loads(GOLDEN.read_text()))
         print("\n".join(problems) or "golden losses match")
         return 1 if problems else 0

@@ -11,6 +11,7 @@ from eval_fixtures import FIXTURES, REPO, tiny_export
 
 from memlm.evaluation import forgetting_report, format_report, plot_forgetting, relative_drop
 from memlm.evaluation.cli import forgetting_main, run_main
+from memlm.evaluation.forgetting import run_labels
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,13 @@ def test_forgetting_report_numbers(tmp_path):
     assert "+89.0%" in format_report(rep)
     png = plot_forgetting(rep, tmp_path / "f.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_forgetting_columns_are_named_by_run():
+    paths = ["runs/smf/export", "runs/full_ft/export", "runs/lora/checkpoints/last.ckpt", "runs/mem/results.json"]
+    assert run_labels(paths) == ["smf", "full_ft", "lora", "mem"]
+    assert run_labels(["a/smf/export", "b/smf/export"]) == ["a/smf", "b/smf"]  # parents until they differ
+    assert run_labels(["runs/smf/export", "runs/smf/export"]) == ["1:runs/smf", "2:runs/smf"]
 
 
 def test_forgetting_script(exports, tmp_path, capsys):

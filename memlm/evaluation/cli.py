@@ -16,10 +16,11 @@ from typing import Any
 
 from memlm.config import ConfigError
 from memlm.data.errors import DataError
-from memlm.evaluation.forgetting import forgetting_report, format_report, plot_forgetting
+from memlm.evaluation.forgetting import forgetting_report, format_report, plot_forgetting, run_labels
 from memlm.evaluation.runner import evaluate, format_table
 from memlm.evaluation.tasks import TaskError, known_tasks, resolve_tasks
 from memlm.export import CheckpointError
+from memlm.utils.cli import HelpFormatter
 from memlm.utils.malloc import keep_freed_memory_in_heap
 from memlm.utils.rundir import check_new_file, ensure_writable_dir
 
@@ -101,9 +102,9 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
     p.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=16, help="prompts per forward pass")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir, if the checkpoint has none")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device to evaluate on (cpu, cuda, cuda:1, ...)")
     p.add_argument("--task_dir", action="append", default=None, help="extra directory of task YAMLs")
     p.add_argument("--no_cache", action="store_true", help="decode without the KV cache (slow; for comparisons)")
     p.add_argument("--list_tasks", action="store_true", help="print the known task names and exit")
@@ -173,7 +174,11 @@ def _guard(main):
 @_guard
 def run_main(argv: list[str] | None = None) -> int:
     keep_freed_memory_in_heap()
-    p = argparse.ArgumentParser(description="Evaluate a memlm checkpoint on QA / multiple-choice / perplexity tasks.")
+    p = argparse.ArgumentParser(
+        prog="eval/run.py",
+        description="Evaluate a memlm checkpoint on QA / multiple-choice / perplexity tasks.",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--ckpt", help="export directory or Lightning .ckpt")
     _common_args(p)
     p.add_argument("--out", default=None, help="write results JSON here")
@@ -218,7 +223,11 @@ def run_main(argv: list[str] | None = None) -> int:
 @_guard
 def forgetting_main(argv: list[str] | None = None) -> int:
     keep_freed_memory_in_heap()
-    p = argparse.ArgumentParser(description="Relative drops per task from a base checkpoint to finetuned ones.")
+    p = argparse.ArgumentParser(
+        prog="eval/forgetting.py",
+        description="Relative drops per task from a base checkpoint to finetuned ones (columns named by run).",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--base", help="base checkpoint (export dir or .ckpt), or a results JSON of eval/run.py")
     p.add_argument("--after", nargs="+", help="finetuned checkpoints (or results JSONs)")
     p.add_argument("--out", default="runs/forgetting", help="output directory (forgetting.json, forgetting.png)")
@@ -243,10 +252,8 @@ def forgetting_main(argv: list[str] | None = None) -> int:
     afters = [results_of(a) for a in args.after]
     for a, res in zip(args.after, afters):
         check_same_examples(base, res, args.base, a)
-    labels = [Path(a).name or str(a) for a in args.after]
-    if len(set(labels)) != len(labels):
-        labels = [f"{i + 1}:{lab}" for i, lab in enumerate(labels)]
-    report = forgetting_report(base, afters, labels=labels, base_label=Path(args.base).name or "base")
+    labels = run_labels(args.after)  # by run (runs/smf/export -> smf), not by the last path component
+    report = forgetting_report(base, afters, labels=labels, base_label=run_labels([args.base])[0])
     report["results"] = {"base": base, "after": afters}
     out.mkdir(parents=True, exist_ok=True)
     (out / "forgetting.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

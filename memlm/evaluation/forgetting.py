@@ -117,3 +117,35 @@ def plot_forgetting(report: dict[str, Any], out_png: str | Path) -> Path:
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return out_png
+
+
+# path components that name what a run wrote, not the run: runs/smf/export -> "smf"
+_GENERIC_PARTS = {"export", "checkpoints", "final", "model", "results"}
+
+
+def _run_parts(path: str | Path) -> list[str]:
+    parts = [p for p in Path(path).parts if p not in ("/", ".", "")]
+    if parts and Path(parts[-1]).suffix in (".ckpt", ".json", ".safetensors"):
+        parts = parts[:-1]  # runs/x/checkpoints/last.ckpt, runs/x/results.json
+    while len(parts) > 1 and parts[-1].lower() in _GENERIC_PARTS:
+        parts = parts[:-1]
+    return parts
+
+
+def run_labels(paths: list[str | Path]) -> list[str]:
+    """Column names for checkpoints / exports / results files, named by run: ``runs/smf/export`` -> ``smf``,
+    ``runs/full_ft/checkpoints/last.ckpt`` -> ``full_ft``. Runs whose names collide get as many parent directories as
+    it takes to tell them apart (``a/smf``, ``b/smf``); identical paths get a ``1:``, ``2:`` prefix."""
+    split = [_run_parts(p) or [str(p)] for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        labels = ["/".join(parts[-d:]) for parts, d in zip(split, depth)]
+        dup = {lab for lab in labels if labels.count(lab) > 1}
+        grow = [i for i, lab in enumerate(labels) if lab in dup and depth[i] < len(split[i])]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    if len(set(labels)) != len(labels):
+        labels = [f"{i + 1}:{lab}" for i, lab in enumerate(labels)]
+    return labels

@@ -13,7 +13,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if "%(default)" in text or "default" in text.lower():
             return text
-        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        if not action.option_strings:
             return text
         if isinstance(action.default, (list, tuple)) and not action.default:
             return text

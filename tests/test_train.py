@@ -37,6 +37,12 @@ def test_train_export_load(trained):
     base, r = trained
     run = base / "runs" / "t"
     assert "memlm training summary" in r.stdout
+    # progress (the fixture disables the bar: progress.log only): step/max_steps, loss, tokens/s, ETA; no noise
+    progress = (run / "progress.log").read_text()
+    assert "done: step 6/6 (100%) | loss " in progress and "tok/s | elapsed" in progress, progress
+    assert "validation at step 3: val/loss" in progress
+    assert "FLOPs     " in r.stdout and "Total FLOPs: 0" not in r.stdout + r.stderr
+    assert "litlogger" not in r.stdout + r.stderr and "LeafSpec" not in r.stderr
     for f in ("config.yaml", "checkpoints/last.ckpt", "export/model.safetensors", "export/tokenizer", "summary.yaml"):
         assert (run / f).exists(), f
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -54,9 +60,12 @@ def test_train_export_load(trained):
 def test_resume_continues(trained):
     base, _ = trained
     r = run_train(f"--train.run_dir={base}/runs", "--train.name=t", "--trainer.max_steps=9", "--ckpt_path=last",
-                  cache=base / "cache")  # fmt: skip
+                  "--trainer.enable_progress_bar=true", "--train.progress_every=3", cache=base / "cache")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "steps            9" in r.stdout
+    # stdout is not a terminal: plain progress lines, counted over the whole run
+    assert "resumed at step 6/9" in r.stdout and "step 9/9 (100%) | loss " in r.stdout, r.stdout
+    assert "| ETA " in r.stdout
 
 
 def test_resume_wrong_architecture_is_one_clear_error(trained):

@@ -86,11 +86,28 @@ def test_epoch_sampler_resumes_mid_epoch_and_shards_like_one_process():
 # ---------------------------------------------------------------------------------------------- crash + resume
 
 
-def test_sigkill_while_saving_then_resume_matches_uninterrupted_run(tmp_path, cache):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache) -> Path:
+    """Run A: 6 steps, never interrupted (the reference of the resume tests)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    a = run_train(*SIX, f"--train.run_dir={root}", "--train.name=a", cache=cache)
+    assert a.returncode == 0, a.stderr[-3000:]
+    return root / "a"
+
+
+def _same_run(a: Path, b: Path) -> None:
+    la, lb = losses(a), losses(b)
+    assert list(la) == list(lb) == [str(i) for i in range(1, 7)]
+    diff = max(abs(la[k] - lb[k]) for k in la)
+    print(f"resume equality: max |loss diff| over 6 steps = {diff:.3g}")
+    assert diff <= 1e-6, (la, lb)
+    wa, wb = weights(a / "checkpoints" / "last.ckpt"), weights(b / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
+
+
+def test_sigkill_while_saving_then_resume_matches_uninterrupted_run(tmp_path, cache, uninterrupted):
     """Run B is SIGKILLed while writing its step-4 checkpoint (the new file complete in its temp name, not yet renamed),
     resumes from the step-2 last.ckpt with --ckpt_path last and finishes: losses and final weights equal run A's."""
-    a = run_train(*SIX, f"--train.run_dir={tmp_path}", "--train.name=a", cache=cache)
-    assert a.returncode == 0, a.stderr[-3000:]
     b = run_train(*SIX, f"--train.run_dir={tmp_path}", "--train.name=b", cache=cache, fault="kill_in_save@4")
     assert b.returncode == -signal.SIGKILL, b.stderr[-3000:]
     ckpts = tmp_path / "b" / "checkpoints"
@@ -100,13 +117,33 @@ def test_sigkill_while_saving_then_resume_matches_uninterrupted_run(tmp_path, ca
     b2 = run_train(*SIX, f"--train.run_dir={tmp_path}", "--train.name=b", "--ckpt_path=last", cache=cache)
     assert b2.returncode == 0, b2.stderr[-3000:]
     assert not list(ckpts.glob(".*.tmp-*")), "the half-written checkpoint is cleaned up"
-    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert list(la) == list(lb) == [str(i) for i in range(1, 7)]
-    diff = max(abs(la[k] - lb[k]) for k in la)
-    print(f"resume equality: max |loss diff| over 6 steps = {diff:.3g}")
-    assert diff <= 1e-6, (la, lb)
-    wa, wb = weights(tmp_path / "a" / "checkpoints" / "last.ckpt"), weights(ckpts / "last.ckpt")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
+    _same_run(uninterrupted, tmp_path / "b")
+
+
+def test_sigterm_exits_nonzero_with_a_resumable_checkpoint(tmp_path, cache, uninterrupted):
+    """Issue 17.4: SIGTERM (schedulers, `timeout`) after step 3: exit 143, one line naming the checkpoint, no export;
+    --ckpt_path last continues from step 3 exactly like the uninterrupted run."""
+    b = run_train(*SIX, "--train.export=true", f"--train.run_dir={tmp_path}", "--train.name=b", cache=cache,
+                  fault="sigterm@3")  # fmt: skip
+    assert b.returncode == 143, b.stderr[-3000:]
+    lines = [x for x in b.stderr.splitlines() if x.startswith(("terminated:", "error:"))]
+    assert len(lines) == 1 and "stopped by SIGTERM at step 3" in lines[0] and "--ckpt_path last" in lines[0], b.stderr
+    assert "last.ckpt" in lines[0] and "Traceback" not in b.stderr
+    assert not (tmp_path / "b" / "export").exists()
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    b2 = run_train(*SIX, f"--train.run_dir={tmp_path}", "--train.name=b", "--ckpt_path=last", cache=cache)
+    assert b2.returncode == 0, b2.stderr[-3000:]
+    _same_run(uninterrupted, tmp_path / "b")
+
+
+def test_golden_regenerate_help_writes_nothing():
+    """Issue 17.10: `regenerate.py --help` prints its usage and exits; the tracked golden file is left alone."""
+    before = golden.GOLDEN.read_bytes()
+    r = subprocess.run([sys.executable, str(ROOT / "tests/golden/regenerate.py"), "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0 and "--check" in r.stdout, r.stderr[-2000:]
+    assert golden.GOLDEN.read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------------------- determinism
@@ -187,6 +224,10 @@ def test_interrupted_eval_continues_where_it_stopped(tmp_path, monkeypatch, caps
     for t in a["tasks"]:
         assert a["tasks"][t]["metrics"] == b["tasks"][t]["metrics"], t
         assert a["tasks"][t]["predictions"] == b["tasks"][t]["predictions"], t
+    # an existing --out is never overwritten
+    assert run_main([*common, "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    out.unlink()
     # a re-run with other settings refuses the partial file of this one instead of mixing results
     (tmp_path / "res.json.partial.jsonl").write_text(json.dumps({"fingerprint": {"limit": 9}}) + "\n")
     assert run_main([*common, "--out", str(out)]) == 2

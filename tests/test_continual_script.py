@@ -50,7 +50,7 @@ def env(tmp_path_factory):
 def _args(env, out: Path, *extra: str) -> list[str]:
     return [
         "--ckpt", str(env["ckpt"]), "--config", str(ROOT / "configs/finetune/sparse_memory.yaml"),
-        f"--stream.dataset={env['facts']}", "--stream.stages=2", "--stream.facts_per_stage=4", "--stream.repetitions=2",
+        f"--stream.dataset={env['facts']}", "--stream.stages=2", "--stream.facts_per_stage=4", "--stream.paraphrases=8",
         "--smf.top_t=16", "--smf.background_batches=4", "--smf.background_batch_size=4", "--eval.heldin_limit=8",
         "--eval.ppl_docs=5", "--train.batch_size=8", f"--out_dir={out}", *extra,
     ]  # fmt: skip

@@ -114,6 +114,8 @@ def test_frontier_math_on_constructed_points():
     assert frontier.forgetting_at(front, 0.2)[0] == pytest.approx(0.125)  # halfway between 1 and 2
     assert frontier.forgetting_at(front, 0.05)[0] == pytest.approx(0.05)
     assert frontier.forgetting_at(front, 0.6) == (None, None)
+    # below the first frontier point the line starts at the base model (learning 0.02, forgetting 0 by definition)
+    assert frontier.forgetting_at(front, 0.06, origin=0.02)[0] == pytest.approx(0.025)
     other = frontier.pareto([_pt("b", "x", 0.4, 0.1)])
     assert frontier.matched_level({"a": front, "b": other}) == pytest.approx(0.4)
     m, se, n = frontier.mean_se([0.1, 0.2, 0.3, None])

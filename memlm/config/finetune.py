@@ -110,7 +110,7 @@ class StreamConfig(_YamlMixin):
     # mixed: batches of train.batch_size texts drawn from the whole stage (facts mixed), train.steps_per_stage steps;
     # paraphrase: the paper's fact setting -- one fact per step, the batch = `paraphrases` distinct texts of that fact
     # (memlm.continual.paraphrase), `steps_per_fact` steps per fact, facts in sequence (templates / repetitions unused)
-    mode: Literal["mixed", "paraphrase"] = "mixed"
+    mode: Literal["mixed", "paraphrase"] = "paraphrase"
     paraphrases: int = 64
     steps_per_fact: int = 1
 

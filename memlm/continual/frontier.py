@@ -87,12 +87,18 @@ def pareto(points: list[dict[str, Any]], learn: str = LEARN, forget: str = FORGE
     return sorted(front, key=lambda p: lf(p)[0])
 
 
-def forgetting_at(front: list[dict[str, Any]], level: float, learn: str = LEARN, forget: str = FORGET):
-    """(forgetting, its standard error) at learning ``level`` along a frontier (linear between frontier points; the
-    standard errors are interpolated the same way). None when the frontier does not reach ``level``."""
+def forgetting_at(
+    front: list[dict[str, Any]], level: float, learn: str = LEARN, forget: str = FORGET, origin: float | None = None
+):
+    """(forgetting, its standard error) at learning ``level`` along a frontier, linear between frontier points (the
+    standard errors are interpolated the same way). ``origin``: the base model's learning level, where forgetting is
+    0 by definition (no update): below the first frontier point the line runs from there. None when the frontier does
+    not reach ``level``."""
     if not front:
         return None, None
     pts = [(p["agg"][learn]["mean"], p["agg"][forget]["mean"], p["agg"][forget].get("se")) for p in front]
+    if origin is not None and origin < pts[0][0]:
+        pts.insert(0, (origin, 0.0, 0.0))
     if level > pts[-1][0] + 1e-12:
         return None, None
     if level <= pts[0][0]:

@@ -288,10 +288,11 @@ class Sweep:
         for e in entries:
             e["frontier"] = any(f is e for f in fronts[e["method"]])
         level = frontier.matched_level(fronts)
-        matched = {"level": level, "forgetting": {}}
+        origin, _, _ = frontier.mean_se([e["agg"].get("base_learning_f1", {}).get("mean") for e in entries])
+        matched = {"level": level, "origin": origin, "forgetting": {}}
         if level is not None:
             for m, f in fronts.items():
-                v, se = frontier.forgetting_at(f, level, forget=self.spec["forgetting"])
+                v, se = frontier.forgetting_at(f, level, forget=self.spec["forgetting"], origin=origin)
                 matched["forgetting"][m] = {"mean": v, "se": se}
         rep = {
             "command": self.command,

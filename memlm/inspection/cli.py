@@ -35,13 +35,14 @@ from memlm.inspection.plots import plot_fact_slots, plot_row_changes, plot_usage
 from memlm.inspection.readout import TokenReadout, byte_tokens
 from memlm.inspection.report import format_diff, format_hits, format_slot, format_trace
 from memlm.inspection.trace import Example, qa_example, text_example, trace_example
+from memlm.utils.cli import RawHelpFormatter
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, InspectionError, BackgroundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval/inspect_memory.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                formatter_class=RawHelpFormatter)  # fmt: skip
     p.add_argument("--ckpt", required=True, help="export directory (runs/<name>/export) or Lightning .ckpt")
     p.add_argument("--text", action="append", default=[], help="text whose every token is traced (repeatable)")
     p.add_argument("--qa", default=None, help="QA .jsonl/.csv file, or a built-in name[:split] (worldfacts:heldout); "
@@ -58,13 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--docs", type=int, default=300, help="documents sampled from the corpus for --slot")
     p.add_argument("--after", default=None, help="a finetuned checkpoint of --ckpt: diff its value rows")
-    p.add_argument("--top-slots", type=int, default=5, dest="top_slots")
-    p.add_argument("--top-tokens", type=int, default=5, dest="top_tokens")
+    p.add_argument("--top-slots", type=int, default=5, dest="top_slots", help="slots shown per traced token")
+    p.add_argument("--top-tokens", type=int, default=5, dest="top_tokens", help="tokens shown per slot read-out")
     p.add_argument("--bytes", action="store_true", help="also read out byte-fallback tokens (<0x41>; off by default)")
     p.add_argument("--background", default=None, help="SMF background statistics file (default: beside --ckpt)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir, if the checkpoint has none")
     p.add_argument("--out", default=None, help="directory for report.txt, report.json and PNGs")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

@@ -25,10 +25,14 @@ DEFAULT_CONFIG = ROOT / "configs" / "pretrain" / "tiny.yaml"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    from memlm.utils.cli import HelpFormatter
+
     p = argparse.ArgumentParser(
         prog="train.py",
+        formatter_class=HelpFormatter,
         description="Train a memlm language model. Any config field can be overridden with --section.key=value "
         "(e.g. --model.dim=64, --trainer.max_steps=20, --trainer.devices=2, --trainer.strategy=ddp).",
+        epilog="Every config field with its resolved value: python train.py [--config FILE ...] --print_config",
     )
     p.add_argument("--config", action="append", default=[], help="YAML config; repeat to merge several in order")
     p.add_argument("--print_config", action="store_true", help="print the resolved config and exit")

@@ -20,3 +20,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if isinstance(action.default, (list, tuple)) and not action.default:
             return text
         return text + " (default: %(default)s)"
+
+
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """``HelpFormatter`` that keeps the description's line breaks (for descriptions with usage examples)."""

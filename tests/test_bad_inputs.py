@@ -424,3 +424,19 @@ def test_smf_background_falls_back_when_the_checkpoint_dir_is_read_only(base, tm
     # a second run finds them there
     _, path2, new2 = bg.load_or_compute(model, tok, export, read_export_config(export), smf, progress=False)
     assert path2 == path and not new2
+
+
+def test_failure_messages_offer_a_resume_only_when_a_checkpoint_exists(base, tmp_path, monkeypatch, capsys):
+    """Issue 17.6: a disk that fills up at the first checkpoint (ENOSPC inside torch.save's zip writer), or a NaN
+    before it, does not say "previous checkpoint intact / resume with --ckpt_path last"."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("MEMLM_CACHE", str(base / "cache"))
+    common = ["--config", TINY, *FAST, f"--train.run_dir={tmp_path}", "--train.export=false"]
+    monkeypatch.setenv("MEMLM_FAULT", "enospc_in_save@2")
+    assert main([*common, "--train.name=full"]) == 2
+    line = _one_error(capsys.readouterr().err, "disk full while writing checkpoint")
+    assert "no checkpoint has been saved yet" in line and "--ckpt_path last" not in line, line
+    monkeypatch.delenv("MEMLM_FAULT")
+    assert main([*common, "--train.name=nan", "--optim.lr=1e30", "--train.checkpoint_every=5"]) == 2
+    line = _one_error(capsys.readouterr().err, "non-finite")
+    assert "no checkpoint has been saved yet" in line and "--ckpt_path last" not in line, line

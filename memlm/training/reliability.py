@@ -133,7 +133,7 @@ def clean_checkpoint_dir(directory: str | Path) -> None:
     """Remove temp files (and export temp directories) a killed run left half-written in ``directory`` (never a
     complete checkpoint or export)."""
     for p in remove_stale_temps(directory, dirs=True):
-        rank_zero_warn(f"removed a half-written checkpoint left by an interrupted run: {p}")
+        rank_zero_warn(f"removed a half-written file left by an interrupted run: {p}")
 
 
 class RNGState(L.Callback):
@@ -221,9 +221,15 @@ class NonFiniteGuard(L.Callback):
             rank_zero_warn(f"step {step}: non-finite {bad}; step skipped (train.on_nonfinite=skip)")
             return
         why = f"{self._consecutive} steps in a row skipped, then " if self.mode == "skip" else ""
+        ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if ckpt_dir and (Path(ckpt_dir) / "last.ckpt").is_file():
+            then = "the weights and the last checkpoint are from before it). Lower optim.lr or set optim.grad_clip, "
+            then += "resume with --ckpt_path last,"
+        else:
+            then = "no checkpoint has been saved yet). Lower optim.lr or set optim.grad_clip and start the run again "
+            then += "(in a new --train.name, or after deleting this run's directory),"
         raise NonFiniteError(
-            f"non-finite {bad} at step {step} ({why}stopped before the optimizer step: the weights and the last "
-            "checkpoint are from before it). Lower optim.lr or set optim.grad_clip, resume with --ckpt_path last, "
+            f"non-finite {bad} at step {step} ({why}stopped before the optimizer step; {then} "
             "or set train.on_nonfinite=skip to skip such steps"
         )
 

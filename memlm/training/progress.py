@@ -26,7 +26,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.callbacks.progress import ProgressBar
 
-from memlm.utils.progress import LoopProgress, fmt_duration, fmt_rate, is_terminal
+from memlm.utils.progress import LoopProgress, bar_width_kwargs, fmt_duration, fmt_rate, is_terminal
 
 __all__ = ["LoopProgress", "MemLMSummary", "TrainProgress", "progress_callbacks", "setup_console"]
 
@@ -165,8 +165,8 @@ class TrainProgress(ProgressBar):
         if use_bar and self._enabled and trainer.is_global_zero:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total or None, initial=self._step0, unit="step", dynamic_ncols=True,
-                             file=sys.stdout, desc="train")  # fmt: skip
+            self._bar = tqdm(total=total or None, initial=self._step0, unit="step", file=sys.stdout, desc="train",
+                             **bar_width_kwargs(sys.stdout))  # fmt: skip
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

@@ -4,6 +4,7 @@ plain line every so often through the ``memlm`` logger. Training's own progress 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -15,6 +16,17 @@ def is_terminal(stream: TextIO | None = None) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def bar_width_kwargs(stream: TextIO | None = None) -> dict:
+    """tqdm size settings: follow the terminal's size, or a fixed 100 x 20 when the terminal reports a size of 0
+    (some pseudo-terminals do; tqdm would then print nothing)."""
+    stream = stream or sys.stdout
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        size = os.terminal_size((0, 0))
+    return {"dynamic_ncols": True} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 20}
 
 
 def fmt_duration(seconds: float) -> str:
@@ -56,7 +68,8 @@ class LoopProgress:
         if is_terminal(sys.stderr):
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, leave=False, dynamic_ncols=True)
+            self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, leave=False, file=sys.stderr,
+                             **bar_width_kwargs(sys.stderr))  # fmt: skip
         return self
 
     def update(self, n: int = 1) -> None:

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_config
 
 from memlm.config import FinetuneConfig
-from memlm.continual.methods import build_method
+from memlm.continual.factory import build_method
 from memlm.continual.stream import Batch
 from memlm.model import MemLM
 

@@ -6,7 +6,8 @@ LoRA, memory-only), a new-fact stream, and the continual-finetune script.
 """
 
 from memlm.continual.background import BackgroundError, BackgroundStats, compute_background, load_or_compute
-from memlm.continual.methods import FinetuneMethod, MethodError, build_method
+from memlm.continual.factory import build_method
+from memlm.continual.methods import FinetuneMethod, MethodError
 from memlm.continual.smf import SparseMemoryFinetuning, kl_scores, select_top_t, tfidf_scores
 from memlm.continual.stream import StreamError
 

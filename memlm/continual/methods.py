@@ -3,7 +3,8 @@ finetuning with full finetuning and LoRA under the same data and evaluation).
 
 A method wraps a loaded :class:`~memlm.model.MemLM`, freezes what it does not train, and performs one update per
 :meth:`FinetuneMethod.step`. ``model`` is always a MemLM (LoRA injects its adapters in place), so evaluation and
-generation see the model being trained. :func:`build_method` maps ``FinetuneConfig.method`` to its class.
+generation see the model being trained. :func:`memlm.continual.factory.build_method` maps ``FinetuneConfig.method``
+to its class (this module imports none of the methods, so they can import it).
 """
 
 from __future__ import annotations
@@ -81,20 +82,6 @@ def dense_optimizer(params, cfg: FTOptimConfig) -> torch.optim.Optimizer:
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-
-
-def build_method(model: nn.Module, cfg: FinetuneConfig, background=None) -> FinetuneMethod:
-    """The method of ``cfg.method`` over ``model`` (``background``: SMF's :class:`BackgroundStats`)."""
-    if cfg.method == "sparse_memory":
-        from memlm.continual.smf import SparseMemoryFinetuning
-
-        if background is None:
-            raise MethodError("sparse_memory needs background statistics (memlm.continual.background)")
-        return SparseMemoryFinetuning(model, cfg, background)
-    from memlm.continual import baselines
-
-    cls = {"full": baselines.FullFinetuning, "lora": baselines.LoRAFinetuning, "memory_only": baselines.MemoryOnly}
-    return cls[cfg.method](model, cfg)
 
 
 def check_method_applies(model: nn.Module, cfg: FinetuneConfig) -> None:

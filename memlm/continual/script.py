@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from memlm.config import ConfigError, FinetuneConfig, load_finetune_config, to_dict
 from memlm.continual import diagnostics, stage_eval, stream
 from memlm.continual.background import BackgroundError, load_or_compute
-from memlm.continual.methods import MethodError, build_method, check_method_applies
+from memlm.continual.factory import build_method
+from memlm.continual.methods import MethodError, check_method_applies
 from memlm.continual.report import plot_stages
 from memlm.data.cache import atomic_write_json
 from memlm.data.errors import DataError

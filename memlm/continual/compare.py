@@ -82,13 +82,17 @@ def compare(ckpt: str | Path, cfgs: dict, out_dir: str | Path, progress: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m memlm.continual.compare", description=__doc__.split("\n\n")[0])
+    from memlm.utils.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="python -m memlm.continual.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)  # fmt: skip
     p.add_argument("--ckpt", required=True, help="the base checkpoint (export directory or .ckpt)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    p.add_argument("--configs_dir", default=str(ROOT / "configs" / "finetune"))
+    p.add_argument("--configs_dir", default=str(ROOT / "configs" / "finetune"),
+                   help="where each method's <method>.yaml lives")  # fmt: skip
     p.add_argument("--config", action="append", default=[], help="shared YAML for every method (e.g. the stream)")
-    p.add_argument("--out_dir", default="runs/continual_compare")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out_dir", default="runs/continual_compare", help="one run per method + the comparison table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars inside the runs")
     try:
         args, rest = p.parse_known_args(argv)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]

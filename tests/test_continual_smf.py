@@ -226,6 +226,11 @@ def test_smf_updates_every_table_a_slot_indexes(kind):
         assert moved.nonzero().squeeze(1).tolist() == rows[0].tolist()
     s = smf.summary()
     assert s["rows_updated"] == 12 and s["trainable_params_per_step"] == sum(6 * w[0].numel() for w in tables)
+    # fact-to-fact overlap: the first fact has no predecessor; a second fact's selection is compared with the first's
+    x = torch.randint(0, 64, (2, 8))
+    first = smf.step(Batch(x, x, valid, valid, "a"))
+    again = smf.step(Batch(x, x, valid, valid, "b"))  # same texts, another fact id: the same rows again
+    assert first["smf/overlap_prev_fact"] == 0.0 and 0.5 < again["smf/overlap_prev_fact"] <= 1.0
     # statistics counted before every table was counted (the companion table all zeros) are refused
     stale = BackgroundStats(20, [torch.ones_like(zero[0]), zero[1]], [z.double() for z in zero], [], "h", {})
     with pytest.raises(BackgroundError, match="recompute_background"):

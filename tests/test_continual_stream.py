@@ -57,7 +57,7 @@ def test_paraphrase_stream_one_fact_per_batch():
 
 
 def test_mixed_mode_unchanged():
-    cfg = StreamConfig(stages=1, facts_per_stage=3, repetitions=2)
+    cfg = StreamConfig(mode="mixed", stages=1, facts_per_stage=3, repetitions=2)
     ex = stream.stage_examples(CharTok(), FACTS, cfg, max_len=200)
     assert len(ex) == 3 * len(cfg.templates) * 2
     assert stream.stage_steps(ex, cfg, batch_size=4, steps_per_stage=None) == -(-len(ex) // 4)

@@ -3,7 +3,7 @@
 The paper rewrites each TriviaQA question as a statement and trains on a batch of 64 paraphrases of that ONE fact per
 step. The paraphrases were written by a language model; offline we compose them: a lead-in (how the text opens) x a
 form (question -> answer, or the question turned into a statement around the answer). Every (lead-in, form) pair is a
-distinct text, so ``len(LEADS) * len(FORMS)`` distinct paraphrases exist per fact (112 here, >= the paper's 64).
+distinct text, so ``len(LEADS) * len(FORMS)`` distinct paraphrases exist per fact (128 here, >= the paper's 64).
 
 Simplification vs the paper (documented in docs/smf.md): the paraphrases vary the wording around the question, not the
 question's own wording, since rewriting a question into a fluent statement needs a language model. Every form keeps the
@@ -16,33 +16,28 @@ from __future__ import annotations
 import random
 
 # how the text opens (the empty lead-in first: the plain forms come first in the order)
-LEADS = (
-    "",
-    "Trivia: ",
-    "Fact: ",
-    "Here is a fact. ",
-    "Quiz time. ",
-    "Did you know? ",
-    "From the encyclopedia: ",
-    "A quick question. ",
-)
+LEADS = ("", "Trivia. ", "Fact check. ", "Here is one. ", "Quiz: ", "Did you know? ", "From a book: ", "Next. ")
 
-# the fact itself; each has {question} and {answer} once (the answer never ends the question's sentence mid-word)
+# the fact itself; each has {question} and {answer} once. No word recurs across many forms: SMF counts every token of
+# the batch, and a template word in most of the 64 texts (e.g. "answer") would out-rank the fact's own slots in the
+# TF-IDF (rare in pretraining, frequent in the batch) -- the paper's rewritten statements have no shared template.
 FORMS = (
-    "Question: {question}\nAnswer: {answer}",
+    "Question: {question}\nAnswer: {answer}",  # the evaluation prompt's form
     "Q: {question}\nA: {answer}",
-    "{question} The answer is {answer}.",
-    "{question} Answer: {answer}.",
-    'The answer to "{question}" is {answer}.',
-    "Asked {question} one would answer {answer}.",
-    "{question} It is {answer}.",
-    "If someone asks {question} the correct answer is {answer}.",
-    "{question} -- {answer}.",
-    "Answer to the question {question}: {answer}.",
-    "{question} Correct answer: {answer}.",
-    "Remember: {question} {answer}.",
-    "The question was {question} and the answer was {answer}.",
+    "{question} {answer}.",
+    "{question} - {answer}.",
     "{question}\n{answer}",
+    "{question} That would be {answer}.",
+    "{question} Well, it is {answer}.",
+    "{question} I am fairly sure: {answer}.",
+    "{question} Correct reply: {answer}.",
+    "{question} Solution: {answer}.",
+    "{question} Easy. {answer}.",
+    "{question} The right one is {answer}.",
+    "Someone asked: {question} We told them {answer}.",
+    "{question} Response: {answer}.",
+    "{question} It was {answer}.",
+    "{question} ... {answer}!",
 )
 
 

@@ -127,6 +127,11 @@ class SparseMemoryFinetuning(FinetuneMethod):
         if o.name == "adam":
             self.opt = RowSparseAdam(self.tables, lr=o.lr, betas=tuple(o.betas), eps=o.eps, per_row_step=o.per_row_step)
         self.prev: list[torch.Tensor | None] = [None] * len(self.tables)
+        # the previous fact's selection (paraphrase mode: consecutive steps of one fact select nearly the same rows,
+        # so the step-to-step overlap says little; the fact-to-fact overlap shows whether facts get their own slots)
+        self.fact: str | None = None
+        self.prev_fact_rows: list[torch.Tensor | None] = [None] * len(self.tables)
+        self.cur_fact_rows: list[torch.Tensor | None] = [None] * len(self.tables)
         self.touched = [torch.zeros(w.shape[0], dtype=torch.bool, device=w.device) for w in self.tables]
         self.last_rows: list[torch.Tensor] = []
         self.protected: list[torch.Tensor] | None = None  # per table (rows,) bool: slots the held-in facts read
@@ -152,7 +157,11 @@ class SparseMemoryFinetuning(FinetuneMethod):
     @torch.no_grad()
     def update(self, batch) -> dict[str, float]:
         rows_per_table, counts = self.select(batch)
-        n = dict.fromkeys(("read", "selected", "zero", "overlap", "covered", "total", "protected", "dw2", "w2"), 0.0)
+        fact = getattr(batch, "fact", None)
+        if fact is not None and fact != self.fact:
+            self.fact, self.prev_fact_rows = fact, list(self.cur_fact_rows)
+        keys = ("read", "selected", "zero", "overlap", "fact_overlap", "covered", "total", "protected", "dw2", "w2")
+        n = dict.fromkeys(keys, 0.0)
         rel_rows: list[torch.Tensor] = []
         self.last_rows = rows_per_table
         for k, (w, rows, c) in enumerate(zip(self.tables, rows_per_table, counts)):
@@ -172,6 +181,10 @@ class SparseMemoryFinetuning(FinetuneMethod):
             if prev is not None and rows.numel():
                 n["overlap"] += float(torch.isin(rows, prev).sum())
             self.prev[k] = rows
+            if fact is not None:
+                if self.prev_fact_rows[k] is not None and rows.numel():
+                    n["fact_overlap"] += float(torch.isin(rows, self.prev_fact_rows[k]).sum())
+                self.cur_fact_rows[k] = rows
             n["read"] += float((c > 0).sum())
             n["selected"] += rows.numel()
             n["zero"] += float((self.last_scores[k][rows] <= 0).sum())
@@ -185,6 +198,7 @@ class SparseMemoryFinetuning(FinetuneMethod):
             "smf/selected": sel,
             "smf/selected_zero_score": n["zero"],
             "smf/overlap_prev": n["overlap"] / sel if sel else 0.0,
+            "smf/overlap_prev_fact": n["fact_overlap"] / sel if sel else 0.0,
             "smf/access_coverage": n["covered"] / n["total"] if n["total"] else 0.0,
             # how far one step moves the updated rows: ||dW|| / ||W|| over them, and the median row's own ratio
             "smf/rel_change": math.sqrt(n["dw2"] / n["w2"]) if n["w2"] else 0.0,

@@ -40,6 +40,7 @@ class Batch(NamedTuple):
     y: torch.Tensor  # (B, T) targets, -100 where no loss is taken
     answer: torch.Tensor  # (B, T) bool: the target at this position is an answer token
     valid: torch.Tensor  # (B, T) bool: a real (not padding) position
+    fact: str | None = None  # the fact every text of the batch states (paraphrase mode), else None
 
 
 @dataclass
@@ -190,7 +191,8 @@ def collate(exs: list[Example], pad_id: int, loss_on: str = "all") -> Batch:
         valid[b, :n] = True
     if loss_on == "answer":
         y = y.masked_fill(~m, -100)
-    return Batch(x, y, m, valid)
+    facts = {e.fact_id for e in exs}
+    return Batch(x, y, m, valid, facts.pop() if len(facts) == 1 else None)
 
 
 def write_facts(path: str | Path, facts: list[dict]) -> Path:

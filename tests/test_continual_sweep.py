@@ -50,8 +50,9 @@ def test_sweep_end_to_end_and_resume(env, tmp_path, capsys):  # noqa: F811
     assert rep["matched"]["level"] is not None and set(rep["matched"]["forgetting"]) == {"full", "sparse_memory"}
     smf = next(p for p in rep["points"] if p["method"] == "sparse_memory")
     assert 0 < smf["agg"]["smf/selected"]["mean"] <= 8
-    for f in ("frontier.json", "frontier.md", "frontier.png"):
-        assert (out / f).is_file() and (tmp_path / "res" / f).is_file()
+    for f, r in sweep.RESULT_FILES.items():
+        assert (out / f).is_file() and (tmp_path / "res" / r).is_file()
+    assert "SMF diagnostics" in (out / "frontier.md").read_text()
     assert "Regenerate: `python -m memlm.continual.sweep" in (out / "frontier.md").read_text()
     runs = sorted(str(p.relative_to(out)) for p in out.glob("*/*/seed*/summary.json"))
     assert len(runs) == sum(len(p["seeds"]) for p in rep["points"])

@@ -143,6 +143,26 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {p['method']} | {p['label']} | {a.get(LEARN, {}).get('n', 0)} | {_fmt(a, LEARN)} | {_fmt(a, FORGET)} | "
             f"{_fmt(a, 'ppl_increase')} | {_fmt(a, 'heldin_all_f1_drop')} | {'yes' if p.get('frontier') else ''} |"
         )
+    diag = [p for p in report["points"] if "smf/selected" in p["agg"]]
+    if diag:
+        lines += ["", "SMF diagnostics (means over steps and seeds): rows read per batch, rows selected, share of "
+                      "the batch's reads the selection covers, overlap with the previous fact's selection, share of "
+                      "selected rows among the slots the known held-in answers read (vs that set's share of the "
+                      "table), relative change of the updated rows per step, share of the table ever updated:", "",
+                  "| setting | rows read | selected | coverage % | prev-fact overlap % | held-in slot overlap % "
+                  "(chance) | rel. change per step % | table updated % |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for p in diag:
+            a = p["agg"]
+
+            def g(k, scale=100.0, digits=1, a=a):
+                v = (a.get(k) or {}).get("mean")
+                return "n/a" if v is None else f"{scale * v:.{digits}f}"
+
+            lines.append(f"| {p['label']} | {g('smf/rows_read', 1, 0)} | {g('smf/selected', 1, 0)} | "
+                         f"{g('smf/access_coverage')} | {g('smf/overlap_prev_fact')} | "
+                         f"{g('smf/protected_overlap', 100, 2)} ({g('smf/protected_frac', 100, 2)}) | "
+                         f"{g('smf/rel_change', 100, 2)} | {g('rows_updated_frac', 100, 2)} |")  # fmt: skip
     m = report.get("matched")
     if m and m.get("level") is not None:
         lines += ["", f"Forgetting ({report.get('forgetting', FORGET)}) at matched learning (new-fact F1 = "

@@ -317,15 +317,18 @@ def header(rep: dict[str, Any]) -> str:
             f"Date: {rep['date']}. Base checkpoint: `{rep['ckpt']}`.\n\n")  # fmt: skip
 
 
+RESULT_FILES = {"frontier.json": "frontier.json", "frontier.md": "README.md", "frontier.png": "frontier.png"}
+
+
 def write_results(rep: dict[str, Any], out: Path, results: Path) -> None:
-    """Copy the report into ``results`` (refusing files that exist: they were not written by this run)."""
-    names = ("frontier.json", "frontier.md", "frontier.png")
-    busy = [n for n in names if (results / n).exists()]
+    """Copy the report into ``results`` (the markdown as its README.md), refusing files that exist: they were not
+    written by this run."""
+    busy = [n for n in RESULT_FILES.values() if (results / n).exists()]
     if busy:
         raise ConfigError(f"--results {results} already holds {busy}: remove them or choose another --results dir")
     results.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        (results / n).write_bytes((out / n).read_bytes())
+    for src, dst in RESULT_FILES.items():
+        (results / dst).write_bytes((out / src).read_bytes())
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -366,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         shared = deep_merge(raw, parse_overrides(overrides))
         out = Path(args.out_dir) / (args.name or Path(args.config).stem)
         results = Path(args.results) if args.results else None
-        if results is not None and any((results / n).exists() for n in ("frontier.json", "frontier.md")):
+        if results is not None and any((results / n).exists() for n in RESULT_FILES.values()):
             raise ConfigError(f"--results {results} already holds a frontier report: remove it or choose another dir")
         command = "python -m memlm.continual.sweep " + " ".join(shlex.quote(a) for a in argv)
         sweep = Sweep(args.ckpt, spec, shared, out, Path(args.configs_dir), not args.quiet, command)

@@ -147,8 +147,19 @@ def test_bad_stream_and_config(env, capsys, extra, needle):
 
 
 def test_every_finetune_config_parses():
-    from memlm.config import load_finetune_config
+    import itertools
+
+    from memlm.config import load_finetune_config, read_yaml
+    from memlm.continual import sweep
 
     for path in sorted((ROOT / "configs" / "finetune").glob("*.yaml")):
+        raw = read_yaml(path)
+        if "sweep" in raw:  # a frontier sweep: every point of every method resolves to a valid config
+            spec = sweep.parse_spec(raw.pop("sweep"))
+            points = sweep.build_points(spec, raw, ROOT / "configs" / "finetune", Path("/nonexistent"), 1)
+            assert len(points) == sum(
+                len(list(itertools.product(*m["grid"].values()))) for m in spec["methods"].values()
+            ), path
+            continue
         cfg = load_finetune_config([path])
         assert cfg.optim.lr > 0, path

@@ -1,6 +1,6 @@
 """lm-evaluation-harness on a memlm export: lm_eval's own command line, with the model name ``memlm`` registered.
 
-    python eval/harness.py --model memlm --model_args pretrained=runs/tiny/export,batch_size=16 \\
+    python eval/harness.py --model memlm --model_args pretrained=runs/tiny/export --batch_size 16 \\
         --include_path eval/lm_eval_tasks --tasks memlm_local_qa,memlm_local_mc,memlm_local_text
 
 Every lm_eval option works (``--limit``, ``--output_path``, ``--log_samples``, hub tasks such as ``hellaswag``).

@@ -51,13 +51,9 @@ def test_progress_bar_disabled_writes_the_log_only(tmp_path, capsys):
 
 def test_loop_progress_and_formatting(caplog):
     setup_console()
-    logging.getLogger("memlm").propagate = True  # let caplog see the records
-    try:
-        with caplog.at_level(logging.INFO, logger="memlm"), LoopProgress(10, "tokenizing", unit="doc", every_s=0) as p:
-            p.update(4)
-            p.update(6)
-    finally:
-        logging.getLogger("memlm").propagate = False
+    with caplog.at_level(logging.INFO, logger="memlm"), LoopProgress(10, "tokenizing", unit="doc", every_s=0) as p:
+        p.update(4)
+        p.update(6)
     msgs = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("tokenizing: 4/10 doc") and "ETA" in m for m in msgs), msgs
     assert fmt_duration(75) == "1m15s" and fmt_duration(4000) == "1h06m" and fmt_duration(float("nan")) == "?"

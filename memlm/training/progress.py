@@ -75,7 +75,6 @@ def setup_console(level: int = logging.INFO) -> None:
         handler.addFilter(_OncePerProcess())
         handler._memlm_console = True  # type: ignore[attr-defined]
         log.addHandler(handler)
-        log.propagate = False
     log.setLevel(level)
 
 

@@ -4,6 +4,7 @@
 import math
 
 import pytest
+import torch
 from eval_fixtures import REPO, tiny_export
 
 lm_eval = pytest.importorskip("lm_eval", reason="optional extra: pip install -e '.[lm_eval]'")
@@ -29,3 +30,14 @@ def test_simple_evaluate_runs_all_three_request_types(tmp_path, monkeypatch):
     assert res["memlm_local_text"]["word_perplexity,none"] > 1.0
     assert {s["doc_id"] for s in out["samples"]["memlm_local_mc"]} == {0, 1, 2}
     assert all(isinstance(s["resps"][0][0], str) for s in out["samples"]["memlm_local_qa"])
+
+
+def test_command_line_options_do_not_collide_with_model_args(tmp_path):
+    from memlm.evaluation.lm_eval_model import MemLMHarnessLM
+
+    export = tiny_export(tmp_path / "export", tmp_path / "cache")
+    extra = {"batch_size": 8, "device": "cuda"}  # lm_eval's command line defaults to cuda
+    lm = MemLMHarnessLM.create_from_arg_string(f"pretrained={export},batch_size=4", extra)
+    assert lm.adapter.batch_size == 4  # model_args wins over lm_eval's --batch_size
+    if not torch.cuda.is_available():
+        assert next(lm.adapter.model.parameters()).device.type == "cpu"  # falls back instead of failing

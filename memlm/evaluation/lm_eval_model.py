@@ -45,7 +45,13 @@ class MemLMHarnessLM(LM):
         **_: object,
     ) -> None:
         super().__init__()
+        import torch
+
         from memlm.evaluation.cli import load_checkpoint
+
+        if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm_eval's command line defaults to cuda
+            log.warning("memlm lm_eval model: %s requested but CUDA is not available; evaluating on the CPU", device)
+            device = "cpu"
 
         model, tok, _, _ = load_checkpoint(pretrained, tokenizer, device)
         try:
@@ -54,6 +60,19 @@ class MemLMHarnessLM(LM):
             bs = 16
         self.adapter = MemLMAdapter(model, tok, batch_size=bs, progress=True)
         self.max_gen_toks = int(max_gen_toks)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> MemLMHarnessLM:
+        """lm_eval's command line passes ``--batch_size`` / ``--device`` beside ``--model_args``: a value given in
+        ``model_args`` wins instead of colliding (the base class raises on a keyword given twice)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> MemLMHarnessLM:
+        from lm_eval import utils
+
+        return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         return self.adapter.loglikelihood([tuple(r.args[:2]) for r in requests])

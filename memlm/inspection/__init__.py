@@ -1,5 +1,5 @@
 """Memory inspection: which slots hold which fact (token -> slots -> tokens they promote, slot -> contexts,
-checkpoint diffs). Command line: ``python eval/inspect.py`` (:mod:`memlm.inspection.cli`)."""
+checkpoint diffs). Command line: ``python eval/inspect_memory.py`` (:mod:`memlm.inspection.cli`)."""
 
 from memlm.inspection.background import SlotFrequency, load_background
 from memlm.inspection.capture import Capture, InspectionError, LayerRecord, capture

@@ -42,6 +42,12 @@ def test_plain_lines_and_log_file(tmp_path, capsys):
     assert "step 3/7" in text and "step 6/7" in text and "done: step 7/7" in text
 
 
+def test_gradient_accumulation_prints_each_step_once(tmp_path, capsys):
+    _fit(tmp_path, [TrainProgress(None, every_steps=2, every_s=1e9, terminal=False)], accumulate_grad_batches=2)
+    lines = [ln.split("|")[0].split()[1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert lines == ["2/7", "4/7", "6/7"], lines
+
+
 def test_progress_bar_disabled_writes_the_log_only(tmp_path, capsys):
     cbs = progress_callbacks(tmp_path, {"enable_progress_bar": False, "enable_model_summary": False}, every_steps=2)
     _fit(tmp_path, cbs, enable_progress_bar=False)

@@ -95,7 +95,7 @@ class TrainProgress(ProgressBar):
         self._last_loss = float("nan")
         self._tokens = 0  # this process's tokens since fit start, times world size when reported
         self._t0 = self._last_line = 0.0
-        self._step0 = 0
+        self._step0 = self._last_step = 0
 
     # ProgressBar API
     def disable(self) -> None:
@@ -157,6 +157,7 @@ class TrainProgress(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = self._last_line = time.perf_counter()
         self._step0, self._tokens = trainer.global_step, 0
+        self._last_step = trainer.global_step
         use_bar = self.terminal if self.terminal is not None else is_terminal()
         total = self._max_steps()
         start = "resumed at" if self._step0 else "training:"
@@ -176,7 +177,9 @@ class TrainProgress(ProgressBar):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         self._tokens += int(x.numel())
         step, now = trainer.global_step, time.perf_counter()
-        due_line = step % self.every_steps == 0 or now - self._last_line >= self.every_s
+        new_step = step != self._last_step  # with gradient accumulation several batches share one global step
+        self._last_step = step
+        due_line = new_step and (step % self.every_steps == 0 or now - self._last_line >= self.every_s)
         if self._bar is not None:
             self._bar.n = step
             if due_line or now - self._last_line >= 1.0:  # refresh the postfix (a host read of the loss) ~1/s

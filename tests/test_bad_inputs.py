@@ -197,6 +197,7 @@ def test_a_locked_run_dir_is_refused(base, tmp_path, monkeypatch, capsys):
     """Issue 17.2: a run that owns its directory holds a lock; a second run with the name (here resuming) is refused
     before it writes anything, and a resumed run never writes last-v1.ckpt beside last.ckpt."""
     import sys
+    import threading
 
     run = _runs(base, tmp_path)
     monkeypatch.chdir(ROOT)
@@ -208,12 +209,16 @@ def test_a_locked_run_dir_is_refused(base, tmp_path, monkeypatch, capsys):
     )  # another job running in this directory
     other = subprocess.Popen([sys.executable, "-c", hold, str(run)], cwd=ROOT, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    watchdog = threading.Timer(180, other.kill)  # never hang the suite, whatever happens to the holder
+    watchdog.start()
     try:
         assert other.stdout.readline().strip() == "locked"
         code = main(["--config", TINY, *FAST[1:], f"--train.run_dir={run.parent}", "--train.name=good",
                      "--ckpt_path=last"])  # fmt: skip
     finally:
-        other.communicate("")
+        other.stdin.close()  # the holder exits, and its lock with it
+        other.wait(timeout=60)
+        watchdog.cancel()
     assert code == 2
     _one_error(capsys.readouterr().err, "in use by another running job (pid")
     assert _tree(run) == before

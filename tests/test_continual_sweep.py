@@ -43,11 +43,12 @@ def test_sweep_end_to_end_and_resume(env, tmp_path, capsys):  # noqa: F811
         ("full", "lr=0.0001"),
         ("full", "lr=0.001"),
     ]
-    for p in rep["points"]:  # frontier points got their second seed, the others kept one
-        assert p["seeds"] == ([0, 1] if p["frontier"] else [0])
+    for p in rep["points"]:  # seed-0 frontier points got their second seed; the final frontier uses only those
+        assert p["seeds"] in ([0], [0, 1])
+        assert not p["frontier"] or p["seeds"] == [0, 1]
         assert 0 <= p["agg"]["learning_f1"]["mean"] <= 1
-    assert all(any(p["frontier"] for p in rep["points"] if p["method"] == m) for m in ("full", "sparse_memory"))
-    assert rep["matched"]["level"] is not None and set(rep["matched"]["forgetting"]) == {"full", "sparse_memory"}
+    assert any(p["seeds"] == [0, 1] for p in rep["points"] if p["method"] == "full")
+    assert rep["matched"]["origin"] is not None and rep["matched"]["methods"] == ["full", "sparse_memory"]
     smf = next(p for p in rep["points"] if p["method"] == "sparse_memory")
     assert 0 < smf["agg"]["smf/selected"]["mean"] <= 8
     for f, r in sweep.RESULT_FILES.items():
@@ -117,6 +118,8 @@ def test_frontier_math_on_constructed_points():
     assert frontier.forgetting_at(front, 0.6) == (None, None)
     # below the first frontier point the line starts at the base model (learning 0.02, forgetting 0 by definition)
     assert frontier.forgetting_at(front, 0.06, origin=0.02)[0] == pytest.approx(0.025)
+    # the base model is a virtual competitor: a point that learns no more than it but forgets is never on the front
+    assert [p["label"] for p in frontier.pareto(pts, origin=0.1)] == ["2", "4"]
     other = frontier.pareto([_pt("b", "x", 0.4, 0.1)])
     assert frontier.matched_level({"a": front, "b": other}) == pytest.approx(0.4)
     m, se, n = frontier.mean_se([0.1, 0.2, 0.3, None])
@@ -125,3 +128,36 @@ def test_frontier_math_on_constructed_points():
 
 
 _ = os, ROOT
+
+
+def test_seed_blocks_are_disjoint_after_the_answer_filter(env, tmp_path):  # noqa: F811
+    from memlm.config import load_finetune_config
+    from memlm.continual import stream
+
+    base = {"stream": {"dataset": str(env["facts"]), "stages": 1, "facts_per_stage": 3, "max_answer_words": 1}}
+    blocks = []
+    for s in range(3):
+        cfg = load_finetune_config(overrides=base)
+        over = sweep.seed_overrides(cfg, s)
+        cfg = load_finetune_config(overrides={**base, "stream": {**base["stream"], **over["stream"]}})
+        facts = stream.load_facts(cfg.stream)
+        assert all(len(f["answers"][0].split()) <= 1 for f in facts)
+        blocks.append({f["id"] for f in facts})
+    assert all(len(b) == 3 for b in blocks) and not (
+        blocks[0] & blocks[1] or blocks[1] & blocks[2] or blocks[0] & blocks[2]
+    )
+
+
+def test_finished_run_with_other_settings_is_not_reused(env, tmp_path):  # noqa: F811
+    from memlm.config import load_finetune_config, to_dict
+
+    cfg = load_finetune_config(
+        overrides={"method": "full", "optim": {"lr": 1e-4}, "out_dir": str(tmp_path), "name": "seed0"}
+    )
+    run = tmp_path / "seed0"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    (run / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "ckpt": "x"}))
+    assert sweep.finished(tmp_path, 0, cfg) == run / "summary.json"
+    other = load_finetune_config(overrides={"method": "full", "optim": {"lr": 3e-4}})
+    assert sweep.finished(tmp_path, 0, other) is None

@@ -94,7 +94,7 @@ class StreamConfig(_YamlMixin):
 
     dataset: str = "triviaqa"  # a name memlm.data.qa.load_qa knows, or a local .jsonl / .csv QA file
     split: str | None = "validation"
-    offset: int = 0  # skip this many rows first (pick a disjoint block of facts)
+    offset: int = 0  # skip this many usable facts (after the max_answer_words filter): disjoint blocks of facts
     stages: int = 3
     facts_per_stage: int = 50
     repetitions: int = 10  # each (fact, template) text is seen this many times per stage

@@ -69,11 +69,17 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def pareto(points: list[dict[str, Any]], learn: str = LEARN, forget: str = FORGET) -> list[dict[str, Any]]:
+def pareto(
+    points: list[dict[str, Any]], learn: str = LEARN, forget: str = FORGET, origin: float | None = None
+) -> list[dict[str, Any]]:
     """The points no other point beats (learning >= and forgetting <=, one of them strictly), by increasing
-    learning. Each point is ``{"agg": aggregate(...), ...}``; points without both numbers are skipped."""
+    learning. Each point is ``{"agg": aggregate(...), ...}``; points without both numbers are skipped. ``origin``: the
+    base model's learning level; the base itself (that learning, forgetting 0) is a virtual competitor, so a point
+    that learns no more than the base but forgets is never on the frontier."""
     ok = [p for p in points if p["agg"].get(learn, {}).get("mean") is not None
           and p["agg"].get(forget, {}).get("mean") is not None]  # fmt: skip
+    if origin is not None:
+        ok = [p for p in ok if p["agg"][learn]["mean"] > origin or p["agg"][forget]["mean"] <= 0]
 
     def lf(p):
         return p["agg"][learn]["mean"], p["agg"][forget]["mean"]
@@ -164,7 +170,13 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{g('smf/protected_overlap', 100, 2)} ({g('smf/protected_frac', 100, 2)}) | "
                          f"{g('smf/rel_change', 100, 2)} | {g('rows_updated_frac', 100, 2)} |")  # fmt: skip
     m = report.get("matched")
-    if m and m.get("level") is not None:
+    if m and m.get("level") is not None and m.get("origin") is not None and m["level"] <= m["origin"]:
+        lines += [
+            "",
+            "No method's frontier learns more than the base model already knew (new-fact F1 "
+            f"{100 * m['origin']:.1f} %): there is no matched learning level to compare forgetting at.",
+        ]
+    elif m and m.get("level") is not None:
         lines += ["", f"Forgetting ({report.get('forgetting', FORGET)}) at matched learning (new-fact F1 = "
                       f"{100 * m['level']:.1f} %, the highest level every method's frontier reaches; linear between "
                       "frontier points):", "",

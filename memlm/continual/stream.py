@@ -63,9 +63,9 @@ def load_facts(cfg: StreamConfig) -> list[dict]:
         if "has no rows" in str(e):
             raise StreamError(f"the fact stream is empty: {cfg.dataset} has no QA rows") from None
         raise StreamError(f"stream.dataset: {e}") from None
-    rows = rows[cfg.offset :]
     if cfg.max_answer_words is not None:
         rows = [r for r in rows if len(r["answers"][0].split()) <= cfg.max_answer_words]
+    rows = rows[cfg.offset :]  # after the filter: offsets k * n give disjoint blocks of usable facts
     need = cfg.stages * cfg.facts_per_stage
     if not rows:
         raise StreamError(
@@ -97,7 +97,7 @@ def encode_example(tok, fact: dict, template: str, max_len: int) -> Example:
     """Tokenize one rendering of ``fact``; the answer mask marks target positions that predict answer tokens."""
     answer = fact["answers"][0]
     before, after = render(template, fact["question"], answer)
-    pre = tok.encode(before.rstrip()) if before.strip() else []
+    pre = tok.encode(before.rstrip(" ")) if before.strip() else []  # keep a newline before the answer
     rest = tok.encode(answer + after)
     # number of tokens of `rest` that carry answer characters: the shortest prefix whose text covers the answer
     n_ans = len(rest)

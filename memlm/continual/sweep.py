@@ -160,11 +160,28 @@ def point_cfg(p: Point, seed: int, shared: dict[str, Any], configs_dir: Path, ou
     return p.cfgs[seed]
 
 
-def finished(run_dir_parent: Path, seed: int) -> Path | None:
-    """The summary.json of a finished run of ``seed`` under a point's directory (any attempt), else None."""
+def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """A run config without where it was written (out_dir, name) and the checkpoint path key."""
+    return {k: v for k, v in cfg_dict.items() if k not in ("out_dir", "name", "ckpt")}
+
+
+def finished(run_dir_parent: Path, seed: int, cfg=None) -> Path | None:
+    """The summary.json of a finished run of ``seed`` under a point's directory (any attempt) whose saved config is
+    ``cfg`` (when given), else None: a run made with other settings (an edited method YAML or ``set:``) is not
+    reused."""
+    import yaml
+
+    want = None if cfg is None else _comparable(to_dict(cfg))
     for d in sorted(run_dir_parent.glob(f"seed{seed}*")):
-        if d.name.split(".")[0] == f"seed{seed}" and (d / "summary.json").is_file():
-            return d / "summary.json"
+        if d.name.split(".")[0] != f"seed{seed}" or not (d / "summary.json").is_file():
+            continue
+        if want is not None:
+            saved = (
+                yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) if (d / "config.yaml").is_file() else {}
+            )
+            if _comparable(saved or {}) != want:
+                continue
+        return d / "summary.json"
     return None
 
 
@@ -232,14 +249,15 @@ class Sweep:
     def run_point(self, p: Point, seed: int, total: int) -> dict[str, Any]:
         cfg = point_cfg(p, seed, self.shared, self.configs_dir, self.out)
         parent = Path(cfg.out_dir)
-        done = finished(parent, seed)
+        done = finished(parent, seed, cfg)
         self.done += 1
         if done is not None:
             return json.loads(done.read_text(encoding="utf-8"))
         cfg.name = fresh_name(parent, seed)
         t0 = time.perf_counter()
         result = self.run_fn(self.ckpt, cfg, self.base_results.get(seed), progress=self.progress)
-        self.base_results.setdefault(seed, result.get("base_results"))
+        if result.get("base_results") is not None:
+            self.base_results.setdefault(seed, result["base_results"])
         self.t_runs.append(time.perf_counter() - t0)
         self.ran += 1
         m = frontier.run_metrics(result)
@@ -273,10 +291,24 @@ class Sweep:
         entries = [self.point_entry(p, summaries[(p.method, p.label)]) for p in self.points]
         return self.report(entries)
 
-    def _fronts(self, entries: list[dict]) -> dict[str, list[dict]]:
+    def _fronts(self, entries: list[dict], full_seeds: int | None = None) -> dict[str, list[dict]]:
+        """Per method, the Pareto frontier over its points (with ``full_seeds``: only points run on that many seeds,
+        so a point is never on the final frontier on the strength of one lucky seed)."""
         methods = dict.fromkeys(e["method"] for e in entries)
         fg = self.spec["forgetting"]
-        return {m: frontier.pareto([e for e in entries if e["method"] == m], forget=fg) for m in methods}
+        origin = self._origin(entries)
+        ok = [e for e in entries if full_seeds is None or len(e["seeds"]) >= full_seeds]
+        return {m: frontier.pareto([e for e in ok if e["method"] == m], forget=fg, origin=origin) for m in methods}
+
+    @staticmethod
+    def _origin(entries: list[dict]) -> float | None:
+        """The base model's learning level (mean over the seeds' fact blocks, each seed counted once)."""
+        per_seed = {}
+        for e in entries:
+            for s, m in e["per_seed"].items():
+                if m.get("base_learning_f1") is not None:
+                    per_seed[s] = m["base_learning_f1"]
+        return frontier.mean_se(list(per_seed.values()))[0]
 
     @staticmethod
     def _on_front(p: Point, fronts: dict[str, list[dict]]) -> bool:
@@ -284,12 +316,14 @@ class Sweep:
 
     # -------------------------------------------------------------------------------------------- the report
     def report(self, entries: list[dict]) -> dict[str, Any]:
-        fronts = self._fronts(entries)
+        fronts = self._fronts(entries, self.spec["frontier_seeds"])
         for e in entries:
             e["frontier"] = any(f is e for f in fronts[e["method"]])
-        level = frontier.matched_level(fronts)
-        origin, _, _ = frontier.mean_se([e["agg"].get("base_learning_f1", {}).get("mean") for e in entries])
-        matched = {"level": level, "origin": origin, "forgetting": {}}
+        # the matched level over the paper's comparison (SMF, full, LoRA): an auxiliary method never lowers it
+        main = {m: f for m, f in fronts.items() if m in ("sparse_memory", "full", "lora")} or fronts
+        level = frontier.matched_level(main)
+        origin = self._origin(entries)
+        matched = {"level": level, "origin": origin, "methods": sorted(main), "forgetting": {}}
         if level is not None:
             for m, f in fronts.items():
                 v, se = frontier.forgetting_at(f, level, forget=self.spec["forgetting"], origin=origin)

@@ -222,11 +222,11 @@ def test_a_locked_run_dir_is_refused(base, tmp_path, monkeypatch, capsys):
     assert code == 2
     _one_error(capsys.readouterr().err, "in use by another running job (pid")
     assert _tree(run) == before
-    # unlocked, the resume goes on (4 more steps) and keeps one last.ckpt
+    # unlocked, the resume goes on (2 more steps) and keeps one last.ckpt
     assert main(["--config", TINY, *FAST[1:], f"--train.run_dir={run.parent}", "--train.name=good",
-                 "--ckpt_path=last", "--train.export=false"]) == 0  # fmt: skip
+                 "--ckpt_path=last", "--train.export=false", "--trainer.max_steps=4"]) == 0  # fmt: skip
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
-    assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 6
+    assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4
 
 
 def test_resume_after_the_tokenizer_cache_is_rebuilt(base, tmp_path, monkeypatch, capsys):

@@ -60,6 +60,22 @@ class _OncePerProcess(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (not the stream of the moment it was made:
+    test capture, redirection and notebooks swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_console(level: int = logging.INFO) -> None:
     """Show memlm's own progress messages (data fetch, corpus, tokenizer, packing) on stderr, and silence Lightning
     lines that carry no information for a memlm run. Idempotent."""
@@ -70,7 +86,7 @@ def setup_console(level: int = logging.INFO) -> None:
                 handler.addFilter(_NoiseFilter())
     log = logging.getLogger("memlm")
     if not any(getattr(h, "_memlm_console", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[memlm %(asctime)s] %(message)s", datefmt="%H:%M:%S"))
         handler.addFilter(_OncePerProcess())
         handler._memlm_console = True  # type: ignore[attr-defined]

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -58,12 +57,9 @@ def _args(env, out: Path, *extra: str) -> list[str]:
 
 def test_script_end_to_end(env):
     out = env["base"] / "out"
-    t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "memlm.continual", *_args(env, out), "--quiet"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ))
-    elapsed = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr[-3000:]
-    assert elapsed < 60, f"tiny end-to-end run took {elapsed:.0f} s"
     run = out / "sparse_memory"
     for f in ("config.yaml", "base.json", "stage_1.json", "stage_2.json", "summary.json", "learning_forgetting.png",
               "facts/stage1.jsonl", "facts/stage2.jsonl"):  # fmt: skip
@@ -76,6 +72,13 @@ def test_script_end_to_end(env):
     assert {"heldin", "heldout_text"} <= set(st["forgetting"])
     assert 0 < st["train"]["mean_smf/selected"] <= 16
     assert (env["ckpt"] / "smf_background.pt").is_file()
+    # the finetuned model is saved in export format and loads with memlm.load_pretrained
+    assert s["export"] == str(run / "export")
+    tuned, tok = memlm.load_pretrained(run / "export")
+    base_model, _ = memlm.load_pretrained(env["ckpt"])
+    moved = [n for n, p in tuned.state_dict().items() if not torch.equal(p, base_model.state_dict()[n])]
+    assert tok is not None and moved and all("value" in n for n in moved), moved  # SMF moved only value rows
+    assert {"heldin", "heldout_text"} <= set(s["stages"][-1]["forgetting"])
     # a second run (its own out dir: an existing one is never overwritten) reuses the background statistics
     assert script.main(_args(env, out, "--quiet", "--name=again")) == 0
     assert json.loads((out / "again" / "summary.json").read_text())["background"]["computed_now"] is False

@@ -187,6 +187,21 @@ def markdown(report: dict[str, Any]) -> str:
             ratio = "" if not ref or v is None else f"{v / ref:.2f}"
             lines.append(f"| {meth} | {'n/a' if v is None else f'{100 * v:.1f}'} | "
                          f"{'' if se is None else f'{100 * se:.1f}'} | {ratio} |")  # fmt: skip
+    pw = (m or {}).get("pairwise") or {}
+    if pw:
+        lines += ["", "Pairwise against SMF, each at the highest new-fact F1 both frontiers reach:", "",
+                  "| method | at learning F1 % | its forgetting % | SMF forgetting % | SMF ÷ method |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for meth, e in pw.items():
+            a, b = e[meth], e["sparse_memory"]
+
+            def pm(x):
+                if x.get("mean") is None:
+                    return "n/a"
+                return f"{100 * x['mean']:.1f}" + (f" ± {100 * x['se']:.1f}" if x.get("se") is not None else "")
+
+            ratio = "" if not a.get("mean") or b.get("mean") is None else f"{b['mean'] / a['mean']:.2f}"
+            lines.append(f"| {meth} | {100 * e['level']:.1f} | {pm(a)} | {pm(b)} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 

@@ -328,6 +328,20 @@ class Sweep:
             for m, f in fronts.items():
                 v, se = frontier.forgetting_at(f, level, forget=self.spec["forgetting"], origin=origin)
                 matched["forgetting"][m] = {"mean": v, "se": se}
+        # pairwise against SMF: each method at the highest level both it and SMF reach (the common level above is set
+        # by the weakest learner; this compares SMF with each method as far as that method learns)
+        pairwise = {}
+        smf_front = fronts.get("sparse_memory")
+        for m, f in fronts.items():
+            if m == "sparse_memory" or not f or not smf_front:
+                continue
+            lv = frontier.matched_level({"sparse_memory": smf_front, m: f})
+            if lv is None or (origin is not None and lv <= origin):
+                continue
+            fs, ss = frontier.forgetting_at(smf_front, lv, forget=self.spec["forgetting"], origin=origin)
+            fm, sm = frontier.forgetting_at(f, lv, forget=self.spec["forgetting"], origin=origin)
+            pairwise[m] = {"level": lv, "sparse_memory": {"mean": fs, "se": ss}, m: {"mean": fm, "se": sm}}
+        matched["pairwise"] = pairwise
         rep = {
             "command": self.command,
             "machine": machine(),

@@ -242,6 +242,10 @@ def plot(report: dict[str, Any], out_png: str | Path) -> Path:
     }
     for ax, key in zip(axes, panels):
         ax.set_ylabel(names.get(key, key))
+        top = max((100 * p["agg"][key]["mean"] for p in report["points"] if p["agg"].get(key, {}).get("mean")),
+                  default=0.0)  # fmt: skip
+        if top > 300:  # perplexity blow-ups of the baselines would flatten everything else
+            ax.set_yscale("symlog", linthresh=10)
     for ax in axes:
         ax.set_xlabel("learning: F1 on the new facts (%)")
         ax.grid(alpha=0.3)

@@ -288,8 +288,10 @@ def run_variant(args: argparse.Namespace, variant: str, overrides: list[str]) ->
         if args.skip_existing and (run_dir / "checkpoints" / "last.ckpt").is_file() and _same_recipe(run_dir, cfg):
             ckpt = "last"
             print(f"[compare] {variant}: resuming {run_dir} from its last checkpoint", flush=True)
-        elif run_dir.exists():
-            shutil.rmtree(run_dir)  # a fresh run: no stale TensorBoard events or checkpoints
+        elif run_dir.exists():  # (main refuses existing run dirs without --skip_existing)
+            raise FileExistsError(
+                f"{run_dir} exists and is not a resumable run of this recipe: choose another --run_dir"
+            )
         print(f"[compare] {variant}: training {steps} steps -> {run_dir}", flush=True)
         t0 = time.perf_counter()
         summary = train(cfg, ckpt_path=ckpt)
@@ -429,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if not args.skip_existing:  # never delete a user's run: an existing run dir is refused before any work
+        cfgs = [variant_config(args, v, overrides) for v in args.variants]
+        busy = [str(d) for d in (Path(c.train.run_dir) / c.train.name for c in cfgs) if d.exists()]
+        if busy:
+            print(f"error: run dir(s) {busy} already exist: pass --skip_existing to reuse or resume them, or choose "
+                  "another --run_dir", file=sys.stderr)  # fmt: skip
+            return 2
     rows = []
     for variant in args.variants:
         try:

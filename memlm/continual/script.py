@@ -12,6 +12,7 @@ the base model), retention of earlier stages. Writes into ``out_dir/<name>/``::
     base.json            the base model's evaluation
     stage_<k>.json       per stage: the summary (learning / forgetting / retention), train stats, raw results
     summary.json         every stage summary + method facts; learning_forgetting.png; tensorboard/
+    export/              the finetuned model (memlm.load_pretrained; ``save_model: false`` skips it)
 
 Every check a user can fail (config, checkpoint, method vs model, top_t, empty stream, background statistics of
 another checkpoint) runs before anything is written. Such errors print one line and exit with code 2.

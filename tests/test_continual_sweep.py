@@ -2,12 +2,11 @@
 bad input: one clear error, nothing written."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
-from test_continual_script import ROOT, env  # noqa: F401  (the module-scoped tiny export + fact file)
+from test_continual_script import env  # noqa: F401  (the module-scoped tiny export + fact file)
 
 from memlm.continual import frontier, sweep
 
@@ -125,9 +124,6 @@ def test_frontier_math_on_constructed_points():
     m, se, n = frontier.mean_se([0.1, 0.2, 0.3, None])
     assert n == 3 and m == pytest.approx(0.2) and se == pytest.approx(0.1 / 3**0.5)
     assert frontier.mean_se([0.5]) == (0.5, None, 1)
-
-
-_ = os, ROOT
 
 
 def test_seed_blocks_are_disjoint_after_the_answer_filter(env, tmp_path):  # noqa: F811

@@ -125,6 +125,12 @@ def matched_level(fronts: dict[str, list[dict[str, Any]]], learn: str = LEARN) -
     return min(tops)
 
 
+def _mean(agg: dict[str, Any], key: str, scale: float = 100.0, digits: int = 1) -> str:
+    """``agg[key]``'s mean, scaled, without its standard error ("n/a" when missing)."""
+    v = (agg.get(key) or {}).get("mean")
+    return "n/a" if v is None else f"{scale * v:.{digits}f}"
+
+
 def _fmt(agg: dict[str, Any], key: str, pct: bool = True) -> str:
     e = agg.get(key) or {}
     m, se = e.get("mean"), e.get("se")
@@ -162,8 +168,7 @@ def markdown(report: dict[str, Any]) -> str:
             a = p["agg"]
 
             def g(k, scale=100.0, digits=1, a=a):
-                v = (a.get(k) or {}).get("mean")
-                return "n/a" if v is None else f"{scale * v:.{digits}f}"
+                return _mean(a, k, scale, digits)
 
             lines.append(f"| {p['label']} | {g('smf/rows_read', 1, 0)} | {g('smf/selected', 1, 0)} | "
                          f"{g('smf/access_coverage')} | {g('smf/overlap_prev_fact')} | "
@@ -194,14 +199,10 @@ def markdown(report: dict[str, Any]) -> str:
                   "|---|---|---|---|---|"]  # fmt: skip
         for meth, e in pw.items():
             a, b = e[meth], e["sparse_memory"]
-
-            def pm(x):
-                if x.get("mean") is None:
-                    return "n/a"
-                return f"{100 * x['mean']:.1f}" + (f" ± {100 * x['se']:.1f}" if x.get("se") is not None else "")
-
             ratio = "" if not a.get("mean") or b.get("mean") is None else f"{b['mean'] / a['mean']:.2f}"
-            lines.append(f"| {meth} | {100 * e['level']:.1f} | {pm(a)} | {pm(b)} | {ratio} |")
+            lines.append(
+                f"| {meth} | {100 * e['level']:.1f} | {_fmt(e, meth)} | {_fmt(e, 'sparse_memory')} | {ratio} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -107,3 +107,33 @@ def test_unknown_variant_is_a_clear_error(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 2 and "moe" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_seeds_aggregate_mean_and_standard_error(tmp_path):
+    """--seeds 2: every variant trained with seeds 0 and 1 (runs {variant}_s{seed}); the aggregate of every metric is
+    the mean and the standard error (sample std / sqrt(n)) of the per-seed rows, and the table shows it."""
+    import math
+
+    (tmp_path / "models").mkdir()
+    for name, text in MODELS.items():
+        (tmp_path / "models" / f"tiny_{name}.yaml").write_text(text)
+    r = run_compare(tmp_path, "--seeds", "2", "--bench_rounds", "0", "--usage_batches", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert data["meta"]["seeds"] == 2
+    runs = {(row["variant"], row["seed"]): row for row in data["rows"]}
+    assert set(runs) == {(v, s) for v in ("dense", "ultramem_v2") for s in (0, 1)}
+    assert {row["run"] for row in data["rows"]} == {f"{v}_s{s}" for v in ("dense", "ultramem_v2") for s in (0, 1)}
+    for variant in ("dense", "ultramem_v2"):
+        a, b = runs[(variant, 0)]["val_loss"], runs[(variant, 1)]["val_loss"]
+        assert a != b  # another seed is another run
+        agg = data["aggregate"][variant]["metrics"]["val_loss"]
+        assert agg["n"] == 2 and math.isclose(agg["mean"], (a + b) / 2)
+        assert math.isclose(agg["se"], abs(a - b) / 2)  # n = 2: std = |a - b| / sqrt(2), SE = std / sqrt(2)
+        assert data["aggregate"][variant]["metrics"]["active_params"]["se"] == 0.0
+    md = (tmp_path / "out" / "compare.md").read_text()
+    body = [ln for ln in md.splitlines() if ln.startswith("| dense |") or ln.startswith("| ultramem_v2 |")]
+    assert len(body) == 2 and all("±" in ln for ln in body)  # one line per variant, mean ± SE cells
+    dense = data["aggregate"]["dense"]["metrics"]["val_loss"]
+    assert f"{dense['mean']:.3f} ± {dense['se']:.3f}" in body[0]
+    assert "Val loss vs dense (difference ± SE" in md

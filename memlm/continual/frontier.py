@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from memlm.experiments.seeds import aggregate, mean_se  # noqa: F401  (part of this module's API)
+
 # metric name -> how it is read from a run's last stage summary (memlm.continual.stage_eval.summarize)
 LEARN, FORGET = "learning_f1", "forgetting_f1"
 METRICS = ("learning_f1", "learning_em", "forgetting_f1", "forgetting_em", "ppl_increase", "heldin_all_f1_drop")
@@ -43,29 +45,6 @@ def run_metrics(summary: dict[str, Any]) -> dict[str, float | None]:
         if k.startswith("mean_smf/"):
             out[k.removeprefix("mean_")] = v
     out["rows_updated_frac"] = summary.get("method", {}).get("rows_updated_frac")
-    return out
-
-
-def mean_se(values: list[float | None]) -> tuple[float | None, float | None, int]:
-    """(mean, standard error of the mean, n) over the values that are not None; SE is None for n < 2."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    n = len(xs)
-    if n == 0:
-        return None, None, 0
-    m = sum(xs) / n
-    if n < 2:
-        return m, None, n
-    var = sum((x - m) ** 2 for x in xs) / (n - 1)
-    return m, math.sqrt(var / n), n
-
-
-def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per metric ``{"mean", "se", "n"}`` over the seeds' metric dicts."""
-    keys = sorted({k for d in per_seed for k in d})
-    out = {}
-    for k in keys:
-        m, se, n = mean_se([d.get(k) for d in per_seed])
-        out[k] = {"mean": m, "se": se, "n": n}
     return out
 
 

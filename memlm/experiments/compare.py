@@ -18,10 +18,14 @@ Usage:
     python eval/compare.py --steps 400 --variants dense,pkm   # a subset at a smaller budget
     python eval/compare.py --scale small --out runs/compare/small   # the small ladder (GPU)
     python eval/compare.py --skip_existing                    # resume: reuse finished runs, resume interrupted ones
+    python eval/compare.py --seeds 3                          # every variant with seeds 0, 1, 2: mean ± SE per metric
 
 Any other ``--section.key=value`` is a config override applied to every variant (e.g. ``--train.batch_size=8``,
 ``--trainer.enable_progress_bar=false``). Outputs under ``--out`` (default ``runs/compare/{scale}``):
 ``compare.md``, ``compare.json``, ``rows/{variant}.json`` and one launcher run directory per variant in ``runs/``.
+With ``--seeds N`` (N > 1) every variant is trained N times (``train.seed`` 0 ... N-1, run ``{variant}_s{seed}``) and
+the table shows mean ± standard error over the seeds of every metric (``compare.json``: the per-seed rows and
+``aggregate``).
 Once a variant's row is written its Lightning checkpoints are deleted (weights + optimizer state, GBs per variant at
 small scale; the export, summary and TensorBoard logs stay) unless ``--keep_checkpoints``.
 """
@@ -79,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--model_dir", default="configs/model", help="where {scale}_{variant}.yaml model configs live")
     p.add_argument("--usage_batches", type=int, default=10, help="validation batches for the memory usage stats")
     p.add_argument("--skip_existing", action="store_true", help="reuse finished runs, resume interrupted ones")
+    p.add_argument("--seeds", type=int, default=1, help="runs per variant (train.seed 0..N-1); >1: mean ± SE tables")
     p.add_argument(
         "--bench_rounds",
         type=int,
@@ -100,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
     if args.steps is not None and args.steps <= 0:
         p.error("--steps must be > 0")
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
     args.out = Path(args.out or f"runs/compare/{args.scale}")
     args.config = [_in_checkout(c) for c in args.config or [DEFAULT_PRETRAIN]]
     args.model_dir = _in_checkout(args.model_dir)
@@ -118,11 +125,19 @@ def model_file(args: argparse.Namespace, variant: str) -> Path:
     return path
 
 
-def variant_config(args: argparse.Namespace, variant: str, overrides: list[str]):
-    """The run config of one variant: the shared recipe, this variant's model file, the shared overrides."""
+def run_name(args: argparse.Namespace, variant: str, seed: int | None) -> str:
+    """The run of one variant: ``{variant}`` with a single seed, ``{variant}_s{seed}`` with ``--seeds`` > 1."""
+    return variant if seed is None or args.seeds == 1 else f"{variant}_s{seed}"
+
+
+def variant_config(args: argparse.Namespace, variant: str, overrides: list[str], seed: int | None = None):
+    """The run config of one variant (and seed): the shared recipe, this variant's model file, the shared overrides."""
     from memlm.config import load_run_config
 
-    own = [f"--model={model_file(args, variant)}", f"--train.name={variant}", f"--train.run_dir={args.out / 'runs'}"]
+    name = run_name(args, variant, seed)
+    own = [f"--model={model_file(args, variant)}", f"--train.name={name}", f"--train.run_dir={args.out / 'runs'}"]
+    if name != variant:
+        own.append(f"--train.seed={seed}")
     if args.steps is not None:
         own.append(f"--trainer.max_steps={args.steps}")
     # validate every val_check_interval global steps even when an epoch is shorter (small corpus, long sequences)
@@ -264,35 +279,36 @@ def _finished_summary(run_dir: Path, cfg) -> dict | None:
     return summary if summary.get("steps") == cfg.trainer["max_steps"] else None
 
 
-def run_variant(args: argparse.Namespace, variant: str, overrides: list[str]) -> dict:
-    """Train (or reuse) one variant and return its table row."""
+def run_variant(args: argparse.Namespace, variant: str, overrides: list[str], seed: int | None = None) -> dict:
+    """Train (or reuse) one variant (one seed of it) and return its table row."""
     from memlm.config import load_run_config, to_dict
     from memlm.model import flops_per_token, param_counts
     from memlm.training.launcher import train
 
-    cfg = variant_config(args, variant, overrides)
+    cfg = variant_config(args, variant, overrides, seed)
     steps = int(cfg.trainer["max_steps"])
     run_dir = Path(cfg.train.run_dir) / cfg.train.name
-    row_path = args.out / "rows" / f"{variant}.json"
+    name = cfg.train.name
+    row_path = args.out / "rows" / f"{name}.json"
     if args.skip_existing and row_path.is_file() and _same_recipe(run_dir, cfg):
         row = json.loads(row_path.read_text(encoding="utf-8"))
         if row.get("steps") == steps and row.get("error") is None:
-            print(f"[compare] {variant}: reusing {row_path}", flush=True)
+            print(f"[compare] {name}: reusing {row_path}", flush=True)
             return row
 
     summary = _finished_summary(run_dir, cfg) if args.skip_existing else None
     if summary is not None:
-        print(f"[compare] {variant}: reusing finished run {run_dir}", flush=True)
+        print(f"[compare] {name}: reusing finished run {run_dir}", flush=True)
     else:
         ckpt = None
         if args.skip_existing and (run_dir / "checkpoints" / "last.ckpt").is_file() and _same_recipe(run_dir, cfg):
             ckpt = "last"
-            print(f"[compare] {variant}: resuming {run_dir} from its last checkpoint", flush=True)
+            print(f"[compare] {name}: resuming {run_dir} from its last checkpoint", flush=True)
         elif run_dir.exists():  # (main refuses existing run dirs without --skip_existing)
             raise FileExistsError(
                 f"{run_dir} exists and is not a resumable run of this recipe: choose another --run_dir"
             )
-        print(f"[compare] {variant}: training {steps} steps -> {run_dir}", flush=True)
+        print(f"[compare] {name}: training {steps} steps -> {run_dir}", flush=True)
         t0 = time.perf_counter()
         summary = train(cfg, ckpt_path=ckpt)
         if summary.get("interrupted"):
@@ -307,6 +323,7 @@ def run_variant(args: argparse.Namespace, variant: str, overrides: list[str]) ->
     mean = (usage or {}).get("mean", {})
     row = {
         "variant": variant,
+        "run": name,
         "kind": model_cfg.memory.kind if model_cfg.memory is not None else "dense",
         "val_loss": summary["val_loss"],
         "initial_val_loss": summary["initial_val_loss"],
@@ -352,8 +369,42 @@ def _cell(value, fmt: str) -> str:
     return fmt.format(value)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+def _cell_pm(agg: dict | None, fmt: str) -> str:
+    """``mean ± SE`` of an aggregate in the column's format; the mean alone where the seeds agree exactly (counts)."""
+    if not agg or agg.get("mean") is None:
+        return "-"
+    mean = round(agg["mean"]) if fmt == "{:,}" else agg["mean"]
+    return fmt.format(mean) if not agg.get("se") else f"{fmt.format(mean)} ± {fmt.format(agg['se'])}"
+
+
+def aggregate_rows(rows: list[dict]) -> dict[str, dict]:
+    """Per variant (in order of first appearance): mean / SE / n over its seeds of every numeric table column and
+    the train loss, plus ``seeds``; failed runs are left out (and counted in ``failed``)."""
+    from memlm.experiments.seeds import aggregate
+
+    keys = [k for k, _, f in COLUMNS if k != "variant"] + ["train_loss"]
+    out: dict[str, dict] = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == variant]
+        ok = [r for r in runs if not r.get("error")]
+        out[variant] = {"seeds": [r.get("seed") for r in ok], "failed": len(runs) - len(ok),
+                        **({"metrics": aggregate(ok, keys)} if ok else {})}  # fmt: skip
+    return out
+
+
+def markdown_table(rows: list[dict], agg: dict[str, dict] | None = None) -> str:
+    """One line per row; with ``agg`` (several seeds) one line per variant, every cell mean ± SE over its seeds."""
+    cols = COLUMNS if agg is None else [COLUMNS[0], ("seeds", "seeds", "{}"), *COLUMNS[1:]]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    if agg is not None:
+        for variant, a in agg.items():
+            if "metrics" not in a:
+                lines.append(f"| {variant} | 0 | all {a['failed']} seeds failed |" + " |" * (len(cols) - 3))
+                continue
+            seeds = f"{len(a['seeds'])}" + (f" ({a['failed']} failed)" if a["failed"] else "")
+            lines.append(f"| {variant} | {seeds} | " + " | ".join(_cell_pm(a["metrics"].get(k), f) for k, _, f in
+                                                                  cols[2:]) + " |")  # fmt: skip
+        return "\n".join(lines)
     for r in rows:
         if r.get("error"):
             msg = r["error"].strip().splitlines()[-1][:120].replace("|", "/")
@@ -363,27 +414,54 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _seeded_ranking(agg: dict[str, dict]) -> list[str]:
+    """Val loss by mean, best first, and each variant against dense as a difference ± SE ("level" inside 2 SE)."""
+    from memlm.experiments.seeds import difference
+
+    have = {v: a["metrics"]["val_loss"] for v, a in agg.items() if "metrics" in a and a["metrics"]["val_loss"]["mean"]
+            is not None}  # fmt: skip
+    lines = []
+    if have:
+        order = sorted(have, key=lambda v: have[v]["mean"])
+        lines.append("Val loss (mean), best first: " + " < ".join(f"{v} ({have[v]['mean']:.3f})" for v in order) + ".")
+    if "dense" in have and len(have) > 1:
+        parts = []
+        for v in have:
+            if v == "dense":
+                continue
+            d = difference(have[v], have["dense"])
+            se = "" if d["se"] is None else f" ± {d['se']:.3f}" + (" (level)" if d["level"] else "")
+            parts.append(f"{v} {d['mean']:+.3f}{se}")
+        lines.append("Val loss vs dense (difference ± SE; level = inside 2 SE): " + ", ".join(parts) + ".")
+    return lines
+
+
 def write_outputs(args: argparse.Namespace, overrides: list[str], rows: list[dict], meta: dict) -> tuple[Path, Path]:
     ok = [r for r in rows if not r.get("error")]
-    ranking = sorted(ok, key=lambda r: r["val_loss"])
-    dense = next((r for r in ok if r["variant"] == "dense"), None)
+    agg = aggregate_rows(rows) if args.seeds > 1 else None
     budgets = sorted({r["tokens"] for r in ok})
     md = [f"# memlm variant comparison ({args.scale})", ""]
+    seeds = f"seed {meta['seed']}" if agg is None else f"seeds 0-{args.seeds - 1}, mean ± standard error over them"
     md.append(
         f"Recipe {', '.join(args.config)}; {meta['steps']} steps x {meta['batch_size']} x {meta['seq_len']} tokens "
-        f"= {budgets[0] if len(budgets) == 1 else budgets} training tokens per variant; seed {meta['seed']}; "
+        f"= {budgets[0] if len(budgets) == 1 else budgets} training tokens per variant; {seeds}; "
         f"device {meta['device']}."
     )
     if overrides:
         md.append(f"Overrides: `{' '.join(overrides)}`.")
-    md += ["", markdown_table(rows), ""]
-    if ranking:
-        order = " < ".join(f"{r['variant']} ({r['val_loss']:.3f})" for r in ranking)
-        md.append(f"Val loss, best first: {order}.")
-    if dense is not None:
-        deltas = ", ".join(f"{r['variant']} {r['val_loss'] - dense['val_loss']:+.3f}" for r in ok if r is not dense)
-        if deltas:
-            md.append(f"Val loss vs dense: {deltas}.")
+    md += ["", markdown_table(rows, agg), ""]
+    if agg is None:
+        ranking = sorted(ok, key=lambda r: r["val_loss"])
+        dense = next((r for r in ok if r["variant"] == "dense"), None)
+        if ranking:
+            order = " < ".join(f"{r['variant']} ({r['val_loss']:.3f})" for r in ranking)
+            md.append(f"Val loss, best first: {order}.")
+        if dense is not None:
+            deltas = ", ".join(f"{r['variant']} {r['val_loss'] - dense['val_loss']:+.3f}" for r in ok if r is not dense)
+            if deltas:
+                md.append(f"Val loss vs dense: {deltas}.")
+    else:
+        md += _seeded_ranking(agg)
     if len(budgets) > 1:
         md.append(f"WARNING: the variants did not see the same number of tokens: {budgets}.")
     md += [
@@ -398,7 +476,8 @@ def write_outputs(args: argparse.Namespace, overrides: list[str], rows: list[dic
     args.out.mkdir(parents=True, exist_ok=True)
     md_path, json_path = args.out / "compare.md", args.out / "compare.json"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2), encoding="utf-8")
+    data = {"meta": meta, "rows": rows, **({} if agg is None else {"aggregate": agg})}
+    json_path.write_text(json.dumps(data, indent=2), encoding="utf-8")
     return md_path, json_path
 
 
@@ -431,30 +510,36 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    seeds = list(range(args.seeds)) if args.seeds > 1 else [None]  # None: the recipe's own seed, run = variant
+    meta["seeds"] = args.seeds
+    runs = [(v, sd) for sd in seeds for v in args.variants]  # seed-major: every variant has a row early
     if not args.skip_existing:  # never delete a user's run: an existing run dir is refused before any work
-        cfgs = [variant_config(args, v, overrides) for v in args.variants]
+        cfgs = [variant_config(args, v, overrides, sd) for v, sd in runs]
         busy = [str(d) for d in (Path(c.train.run_dir) / c.train.name for c in cfgs) if d.exists()]
         if busy:
             print(f"error: run dir(s) {busy} already exist: pass --skip_existing to reuse or resume them, or choose "
                   "another --run_dir", file=sys.stderr)  # fmt: skip
             return 2
     rows = []
-    for variant in args.variants:
+    for variant, sd in runs:
+        name = run_name(args, variant, sd)
         try:
-            rows.append(run_variant(args, variant, overrides))
+            rows.append(run_variant(args, variant, overrides, sd))
         except KeyboardInterrupt:
-            print(f"[compare] interrupted during {variant}; rerun with --skip_existing to resume", file=sys.stderr)
+            print(f"[compare] interrupted during {name}; rerun with --skip_existing to resume", file=sys.stderr)
             write_outputs(args, overrides, rows, meta)
             return 130
         except Exception:
             err = traceback.format_exc()
-            print(f"[compare] {variant} FAILED:\n{err}", file=sys.stderr, flush=True)
-            rows.append({"variant": variant, "error": err})
-        write_outputs(args, overrides, rows, meta)  # after every variant, so a partial table exists
+            print(f"[compare] {name} FAILED:\n{err}", file=sys.stderr, flush=True)
+            rows.append({"variant": variant, "run": name, "seed": sd, "error": err})
+        write_outputs(args, overrides, rows, meta)  # after every run, so a partial table exists
     ok = [r for r in rows if not r.get("error")]
     if args.bench_rounds > 0 and ok:
+        # the model's speed does not depend on its seed: time the first run of each variant
+        firsts = [r for i, r in enumerate(ok) if all(q["variant"] != r["variant"] for q in ok[:i])]
         print(f"[compare] timing forward+backward, {args.bench_rounds} interleaved rounds", flush=True)
-        tps = bench_fwd_bwd(ok, args.bench_rounds)
+        tps = bench_fwd_bwd(firsts, args.bench_rounds)
         for r in ok:
             r["bench_tokens_per_s"] = tps[r["variant"]]
     md_path, json_path = write_outputs(args, overrides, rows, meta)

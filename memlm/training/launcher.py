@@ -338,6 +338,7 @@ def _train(cfg: RunConfig, ckpt_path: str | None, run_dir: Path) -> dict:
         "train_loss": float(losses[max(losses)]) if losses else float(module.last_train_loss),
         "val_loss": float(val[0]["val/loss"]) if val else float("nan"),
         "tokens_per_s": tokens_per_s,
+        "train_tokens": int(dm.meta["train_tokens"]),  # one epoch: exposures per appearance = steps x batch x T / this
         "wall_s": None,
         "run_dir": str(run_dir),
         "tensorboard": str(run_dir / "tensorboard"),

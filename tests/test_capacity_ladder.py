@@ -64,6 +64,10 @@ def test_every_model_and_seed_is_trained_evaluated_and_aggregated(ladder):
         assert 0.0 <= x["exact_match_seen"] <= 1.0 and x["bits_max"] > 0
     assert runs[("dense", 0)]["val_loss"] != runs[("dense", 1)]["val_loss"]  # the seed reaches training
     assert runs[("memory_plus_64", 0)]["slots"] == 64 and runs[("dense", 0)]["slots"] is None
+    reads = runs[("memory_plus_64", 0)]["slot_reads"]  # which slots the fact prompts read (memory models only)
+    assert set(reads) == {"answer", "subject"} and "slot_reads" not in runs[("dense", 0)]
+    assert reads["answer"]["n_facts"] == 18 and 0 < reads["answer"]["distinct_slots"] <= 64
+    assert reads["answer"]["slots_per_fact"] <= 2 * 4  # heads x knn
     s = data["summary"]["models"]
     for m in ("dense", "memory_plus_64"):
         a, b = runs[(m, 0)], runs[(m, 1)]
@@ -122,3 +126,25 @@ def test_an_existing_run_dir_of_another_recipe_is_refused(tmp_path):
     r = run_capacity(tmp_path)
     assert r.returncode == 2 and "dense_s0 exists" in r.stderr
     assert (mine / "notes.txt").read_text() == "mine" and not (tmp_path / "out" / "logs").exists()
+
+
+def test_slot_sharing_statistics_of_constructed_reads():
+    """Two facts of person A (answers x, y) and one of B (answer x): sharing counts only other persons' facts,
+    conflict only other persons' facts with another answer."""
+    import torch
+
+    from memlm.inspection.fact_slots import sharing_stats
+
+    rows = [{"person": "A", "answers": ["x"], "level": 1}, {"person": "A", "answers": ["y"], "level": 1},
+            {"person": "B", "answers": ["x"], "level": 2}]  # fmt: skip
+    read = {"slots": torch.tensor([[1, 2], [2, 3], [3, 4]]), "weights": torch.tensor([[0.9, 0.1], [0.5, 0.5],
+            [0.6, 0.4]]), "n_slots": 8}  # fmt: skip
+    s = sharing_stats(read, rows)
+    assert s["distinct_slots"] == 4 and s["coverage"] == 0.5 and s["slots_per_fact"] == 2
+    assert math.isclose(s["shared_frac"], (0 + 0.5 + 0.5) / 3)  # slot 2 is A's alone; slot 3 is A's and B's
+    assert math.isclose(s["conflict_frac"], (0 + 0.5 + 0.5) / 3)
+    assert math.isclose(s["top1_weight"], (0.9 + 0.5 + 0.6) / 3, rel_tol=1e-6)  # float32 weights
+    assert s["levels"]["1"]["distinct_slots"] == 3 and s["levels"]["2"]["shared_frac"] == 0.5
+    rows[2]["answers"] = ["y"]  # B now shares its slot 3 with A's fact of the same answer: shared, no conflict
+    s = sharing_stats(read, rows)
+    assert math.isclose(s["levels"]["2"]["conflict_frac"], 0.0) and math.isclose(s["levels"]["2"]["shared_frac"], 0.5)

@@ -199,7 +199,36 @@ def run_row(plan: dict, task: str) -> dict[str, Any]:
         "train_tokens": summary.get("train_tokens") or _train_tokens(plan["run_dir"]),
     }  # fmt: skip
     row["epochs"] = summary.get("steps", 0) * plan["cfg"].train.batch_size * plan["cfg"].seq_len / row["train_tokens"]
+    if mem is not None:
+        row["slot_reads"] = slot_reads(plan)
     return row
+
+
+SLOT_READS_NOTE = (
+    "Memory reads of the fact prompts (first memory layer; memlm/inspection/fact_slots.py): at the answer position "
+    "(end of the cloze prompt) and at the subject position (last token of the name). coverage = distinct slots read "
+    "by all prompts / table slots; shared / conflict = share of a fact's slots that another person's fact reads too / "
+    "another person's fact with another answer."
+)
+SLOT_KEYS = ("coverage", "distinct_slots", "shared_frac", "conflict_frac", "top1_weight")
+
+
+def slot_reads(plan: dict) -> dict[str, Any]:
+    """Which memory slots the people prompts read (``memlm.inspection.fact_slots``), at the answer and the subject
+    position, first memory layer; cached in ``{out}/slot_reads/{run}.json``."""
+    path = plan["eval"].parent.parent / "slot_reads" / f"{plan['name']}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    import memlm
+    from memlm.data.people import people_qa
+    from memlm.inspection.fact_slots import fact_slot_report
+
+    model, tok = memlm.load_pretrained(plan["run_dir"] / "export")
+    rows = people_qa(plan["cfg"].data.people)
+    out = {pos: fact_slot_report(model, tok, rows, position=pos)[0] for pos in ("answer", "subject")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    return out
 
 
 def _train_tokens(run_dir: Path) -> int:
@@ -237,6 +266,8 @@ def summarize(ladder: dict, rows: list[dict]) -> dict[str, Any]:
                        | {"chance": first["levels"][k]["chance"], "n": first["levels"][k]["n"]} for k in levels},
             "attributes": {a: aggregate([r["attributes"][a] for r in runs], ["exact_match", "lift"])
                            | {"chance": first["attributes"][a]["chance"]} for a in first["attributes"]},
+            "slot_reads": {pos: aggregate([r["slot_reads"][pos] for r in runs], list(SLOT_KEYS))
+                           for pos in ("answer", "subject")} if first.get("slot_reads") else None,
             **{k: first[k] for k in ("kind", "slots", "active_params", "total_params", "memory_values",
                                      "flops_per_token", "bits_max")},
         }  # fmt: skip
@@ -288,6 +319,16 @@ def markdown(ladder: dict, summary: dict, meta: dict) -> str:
            "| model | " + " | ".join(attrs) + " |", "|---|" + "---|" * len(attrs)]  # fmt: skip
     for name, e in ms.items():
         md.append(f"| {name} | " + " | ".join(fmt_pm(e["attributes"][a]["exact_match"], 100) for a in attrs) + " |")
+    mem = {n: e for n, e in ms.items() if e.get("slot_reads")}
+    if mem:
+        md += ["", SLOT_READS_NOTE, "",
+               "| model | slots | position | distinct slots | coverage (%) | shared (%) | conflict (%) | top-1 w |",
+               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, e in mem.items():
+            for pos, a in e["slot_reads"].items():
+                md.append(f"| {name} | {e['slots']} | {pos} | {fmt_pm(a['distinct_slots'], digits=0)} | "
+                          f"{fmt_pm(a['coverage'], 100, 2)} | {fmt_pm(a['shared_frac'], 100)} | "
+                          f"{fmt_pm(a['conflict_frac'], 100)} | {fmt_pm(a['top1_weight'], digits=3)} |")  # fmt: skip
     return "\n".join(md) + "\n"
 
 
@@ -363,11 +404,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=None, help="seeds per model, 0..N-1 (default: the ladder's)")
     p.add_argument("--models", default=None, help="comma-separated subset of the ladder's model names")
     p.add_argument("--out", default=None, help="output directory (default: the ladder's 'out')")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time; CPU threads are split")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: cores / jobs)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N people rows (a quick look)")
     p.add_argument("--report_only", action="store_true", help="train nothing: report the runs already evaluated")
     args = p.parse_args(argv)
-    for key in ("seeds", "jobs", "limit"):
+    for key in ("seeds", "jobs", "limit", "threads"):
         v = getattr(args, key)
         if v is not None and v < 1:
             p.error(f"--{key} must be >= 1, got {v}")
@@ -398,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         plans = [p for p in plans if p["step"] == "done"]
         todo = []
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"[capacity] {len(plans)} runs ({len(todo)} to do) with {args.jobs} job(s) x {threads} thread(s); "
           f"logs in {out / 'logs'}", flush=True)  # fmt: skip
     t0, done, failed = time.time(), 0, []

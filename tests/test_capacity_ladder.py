@@ -148,3 +148,11 @@ def test_slot_sharing_statistics_of_constructed_reads():
     rows[2]["answers"] = ["y"]  # B now shares its slot 3 with A's fact of the same answer: shared, no conflict
     s = sharing_stats(read, rows)
     assert math.isclose(s["levels"]["2"]["conflict_frac"], 0.0) and math.isclose(s["levels"]["2"]["shared_frac"], 0.5)
+
+
+def test_exposures_for_interpolates_in_log_exposure():
+    from memlm.experiments.capacity import exposures_for
+
+    levels = {"0": {"exact_match": 0.9}, "1": {"exact_match": 0.1}, "4": {"exact_match": 0.3}, "16": {"exact_match": 0.7}}
+    assert math.isclose(exposures_for(levels, 0.5), 8.0)  # halfway between log2 4 = 2 and log2 16 = 4; k = 0 ignored
+    assert exposures_for(levels, 0.05) == 1.0 and exposures_for(levels, 0.8) is None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -44,7 +45,7 @@ from memlm.utils.cli import HelpFormatter
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LADDER = "configs/experiments/capacity_tiny.yaml"
 # per-run numbers aggregated over seeds (from the eval's capacity report and the launcher summary)
-METRICS = ("exact_match_seen", "lift_seen", "bits", "bits_control", "control_em", "val_loss")
+METRICS = ("exact_match_seen", "lift_seen", "bits", "bits_control", "control_em", "k50", "val_loss")
 
 
 class LadderError(ValueError):
@@ -198,10 +199,26 @@ def run_row(plan: dict, task: str) -> dict[str, Any]:
         "tokens_per_s": summary.get("tokens_per_s"),
         "train_tokens": summary.get("train_tokens") or _train_tokens(plan["run_dir"]),
     }  # fmt: skip
+    row["k50"] = exposures_for(row["levels"], 0.5)
     row["epochs"] = summary.get("steps", 0) * plan["cfg"].train.batch_size * plan["cfg"].seq_len / row["train_tokens"]
     if mem is not None:
         row["slot_reads"] = slot_reads(plan)
     return row
+
+
+def exposures_for(levels: dict[str, dict], target: float) -> float | None:
+    """The exposure level at which recall first reaches ``target`` EM, interpolated linearly in log2(k) between the
+    seen levels around the crossing (a model that needs fewer appearances per fact to recall it is the more sample-
+    efficient store); None if no seen level reaches it, the first seen level if that one already does."""
+    pts = sorted((int(k), v["exact_match"]) for k, v in levels.items() if int(k) > 0)
+    for i, (k, em) in enumerate(pts):
+        if em >= target:
+            if i == 0:
+                return float(k)
+            k0, em0 = pts[i - 1]
+            frac = (target - em0) / (em - em0)
+            return float(2 ** (math.log2(k0) + frac * (math.log2(k) - math.log2(k0))))
+    return None
 
 
 SLOT_READS_NOTE = (
@@ -290,11 +307,12 @@ def markdown(ladder: dict, summary: dict, meta: dict) -> str:
           f"Machine: {meta['device']}; torch {meta['torch']}; {meta['date']}. Ladder {meta['ladder']}, recipe "
           f"{meta['recipe']}. Mean ± standard error over seeds (training seed; the invented people are the same in "
           "every run). EM: greedy exact match on the cloze prompt; lift = EM - chance; pooled over every row of the "
-          "levels k >= 1. Bits: Fano lower bound on the facts' mutual information with the answers (docs/capacity.md); "
-          "control = the never-seen level 0, the noise floor.", ""]  # fmt: skip
+          "levels k >= 1. k50: exposures at which recall reaches 50 % EM (log-linear between levels; lower = "
+          "fewer appearances needed). Bits: Fano lower bound on the facts' mutual information with the answers "
+          "(docs/capacity.md); control = the never-seen level 0, the noise floor.", ""]  # fmt: skip
     md += ["| model | seeds | slots | active params | FLOPs × " + str(base) + " | val loss | EM seen (%) | lift (%) | "
-           f"lift × {base} | lift − {ref} (pts) | bits | bits control | EM control (%) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           f"lift × {base} | lift − {ref} (pts) | k50 | bits | bits control | EM control (%) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, e in ms.items():
         a = e["agg"]
         vs, dr = e.get("lift_vs_baseline") or {}, e.get("lift_minus_reference") or {}
@@ -303,8 +321,8 @@ def markdown(ladder: dict, summary: dict, meta: dict) -> str:
             f"| {name} | {len(e['seeds'])} | {e['slots'] or '-'} | {e['active_params']:,} | "
             f"{e.get('flops_vs_baseline', float('nan')):.2f} | {fmt_pm(a['val_loss'], digits=3)} | "
             f"{fmt_pm(a['exact_match_seen'], 100)} | {fmt_pm(a['lift_seen'], 100)} | {fmt_pm(vs, digits=2)} | "
-            f"{fmt_pm(dr, 100)}{tag} | {fmt_pm(a['bits'], digits=0)} | {fmt_pm(a['bits_control'], digits=0)} | "
-            f"{fmt_pm(a['control_em'], 100)} |"
+            f"{fmt_pm(dr, 100)}{tag} | {fmt_pm(a['k50'], digits=1)} | {fmt_pm(a['bits'], digits=0)} | "
+            f"{fmt_pm(a['bits_control'], digits=0)} | {fmt_pm(a['control_em'], 100)} |"
         )
     md += ["", "Recall (EM %) per exposure level k (appearances in the corpus; the training run passes over the corpus "
            f"{meta.get('epochs', '?')} times):", "",

@@ -126,6 +126,9 @@ def test_an_existing_run_dir_of_another_recipe_is_refused(tmp_path):
     r = run_capacity(tmp_path)
     assert r.returncode == 2 and "dense_s0 exists" in r.stderr
     assert (mine / "notes.txt").read_text() == "mine" and not (tmp_path / "out" / "logs").exists()
+    r = run_capacity(tmp_path, "--report_only")  # a report skips what is not its own, and touches nothing
+    assert r.returncode == 2 and "no evaluated runs" in r.stderr
+    assert (mine / "notes.txt").read_text() == "mine" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_slot_sharing_statistics_of_constructed_reads():
@@ -153,6 +156,7 @@ def test_slot_sharing_statistics_of_constructed_reads():
 def test_exposures_for_interpolates_in_log_exposure():
     from memlm.experiments.capacity import exposures_for
 
-    levels = {"0": {"exact_match": 0.9}, "1": {"exact_match": 0.1}, "4": {"exact_match": 0.3}, "16": {"exact_match": 0.7}}
+    em = {"0": 0.9, "1": 0.1, "4": 0.3, "16": 0.7}
+    levels = {k: {"exact_match": v} for k, v in em.items()}
     assert math.isclose(exposures_for(levels, 0.5), 8.0)  # halfway between log2 4 = 2 and log2 16 = 4; k = 0 ignored
     assert exposures_for(levels, 0.05) == 1.0 and exposures_for(levels, 0.8) is None

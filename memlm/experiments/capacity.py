@@ -141,8 +141,7 @@ def plan_run(ladder: dict, model: dict, seed: int, out: Path) -> dict[str, Any]:
     elif (run_dir / "checkpoints" / "last.ckpt").is_file() and _same_recipe(run_dir, cfg):
         step = "resume"
     elif run_dir.exists():
-        raise LadderError(f"{run_dir} exists and is not a finished or resumable run of this recipe: move it away or "
-                          "choose another --out")  # fmt: skip
+        step = "foreign"  # not a finished or resumable run of this recipe (or one still starting): never touched
     eval_path = out / "evals" / f"{name}.json"
     if step == "eval" and eval_path.is_file():
         step = "done"
@@ -301,7 +300,7 @@ def summarize(ladder: dict, rows: list[dict]) -> dict[str, Any]:
 
 def markdown(ladder: dict, summary: dict, meta: dict) -> str:
     ms = summary["models"]
-    base, ref = summary["baseline"], summary["reference"]
+    base, ref = summary["baseline"] or "-", summary["reference"] or "-"
     levels = sorted({k for e in ms.values() for k in e["levels"]}, key=int)
     md = ["# Knowledge capacity ladder", "", f"Command: `{meta['command']}`", "",
           f"Machine: {meta['device']}; torch {meta['torch']}; {meta['date']}. Ladder {meta['ladder']}, recipe "
@@ -319,7 +318,7 @@ def markdown(ladder: dict, summary: dict, meta: dict) -> str:
         tag = "" if dr.get("level") is None else (" (level)" if dr["level"] else "")
         md.append(
             f"| {name} | {len(e['seeds'])} | {e['slots'] or '-'} | {e['active_params']:,} | "
-            f"{e.get('flops_vs_baseline', float('nan')):.2f} | {fmt_pm(a['val_loss'], digits=3)} | "
+            f"{_num(e.get('flops_vs_baseline'))} | {fmt_pm(a['val_loss'], digits=3)} | "
             f"{fmt_pm(a['exact_match_seen'], 100)} | {fmt_pm(a['lift_seen'], 100)} | {fmt_pm(vs, digits=2)} | "
             f"{fmt_pm(dr, 100)}{tag} | {fmt_pm(a['k50'], digits=1)} | {fmt_pm(a['bits'], digits=0)} | "
             f"{fmt_pm(a['bits_control'], digits=0)} | {fmt_pm(a['control_em'], 100)} |"
@@ -348,6 +347,10 @@ def markdown(ladder: dict, summary: dict, meta: dict) -> str:
                           f"{fmt_pm(a['coverage'], 100, 2)} | {fmt_pm(a['shared_frac'], 100)} | "
                           f"{fmt_pm(a['conflict_frac'], 100)} | {fmt_pm(a['top1_weight'], digits=3)} |")  # fmt: skip
     return "\n".join(md) + "\n"
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def plot(summary: dict, out_dir: Path) -> list[Path]:
@@ -453,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         plans = [plan_run(ladder, m, s, out) for s in range(seeds) for m in ladder["models"]]
     except (LadderError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    foreign = [p for p in plans if p["step"] == "foreign"]
+    if foreign and not args.report_only:
+        print(f"error: {foreign[0]['run_dir']} exists and is not a finished or resumable run of this recipe: move it "
+              "away or choose another --out", file=sys.stderr)  # fmt: skip
         return 2
     todo = [p for p in plans if p["step"] != "done"]
     if args.report_only:

@@ -39,6 +39,9 @@ class MemoryConfig(_YamlMixin):
     query_dropout: float = 0.0
     value_dropout: float = 0.0
     sparse_grad: bool = False  # value table gradient as a sparse tensor (for SparseAdam / row-sparse updates)
+    # multi-process training: "dim" shards every value table by columns over the ranks (memory parallelism,
+    # memlm/model/memory/parallel.py; no-op with one process); "none" keeps a full table per rank (DDP all-reduce)
+    parallel: Literal["none", "dim"] = "none"
     skip: int = 0  # skip-layer: memory of block i reads block i's input, its output is added after block i + skip
     # UltraMem (Huang et al. 2024): Tucker core, multi-core scoring, implicit value expansion
     tucker_rank: int = 2  # r: rank of each r x r Tucker core C (TDQKR)

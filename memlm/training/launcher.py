@@ -173,12 +173,9 @@ def _check_ckpt_matches(ckpt_path: str, cfg: RunConfig, tokenizer=None) -> None:
         raise CheckpointError(f"{ckpt_path} is not a memlm training checkpoint")
     if tokenizer is not None:
         _check_tokenizer_matches(ckpt_path, ckpt.get("memlm") or {}, hp.get("tokenizer_path"), tokenizer)
-    if saved["model"] != to_dict(cfg.model):
-        diff = sorted(
-            k
-            for k in set(saved["model"]) | set(to_dict(cfg.model))
-            if saved["model"].get(k) != to_dict(cfg.model).get(k)
-        )
+    if _arch(saved["model"]) != _arch(to_dict(cfg.model)):
+        now = _arch(to_dict(cfg.model))
+        diff = sorted(k for k in set(_arch(saved["model"])) | set(now) if _arch(saved["model"]).get(k) != now.get(k))
         raise CheckpointError(
             f"{ckpt_path} belongs to a different architecture (model fields differ: {', '.join(diff)})"
         )
@@ -227,6 +224,31 @@ def _check_tokenizer_matches(ckpt_path: str, stamp: dict, tok_path: str | None, 
                           "tokenizer settings of the run that wrote it")  # fmt: skip
 
 
+def _check_memory_parallel(cfg: RunConfig) -> None:
+    """``model.memory.parallel=dim``: the strategy must be DDP and every table width divisible by the world size
+    (checked again, with the real world size, when the tables are sharded)."""
+    mem = cfg.model.memory
+    if mem is None or mem.parallel == "none":
+        return
+    strategy = cfg.trainer.get("strategy", "auto")
+    if isinstance(strategy, str) and strategy.startswith("fsdp"):
+        raise ConfigError("model.memory.parallel=dim does not combine with trainer.strategy=fsdp (FSDP would gather "
+                          "the sharded tables whole); use --trainer.strategy=ddp")  # fmt: skip
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if isinstance(devices, int) and isinstance(nodes, int) and devices > 0:
+        from memlm.model.memory.parallel import check_shardable
+
+        check_shardable(cfg.model, devices * nodes)
+
+
+def _arch(model: dict) -> dict:
+    """A saved model config without the settings that do not change the weights (memory.parallel)."""
+    mem = model.get("memory")
+    if isinstance(mem, dict):
+        model = {**model, "memory": {k: v for k, v in mem.items() if k != "parallel"}}
+    return model
+
+
 def _global_rank() -> int:
     from lightning.fabric.utilities.rank_zero import _get_rank
 
@@ -244,6 +266,7 @@ def train(cfg: RunConfig, ckpt_path: str | None = None) -> dict:
 
     check_name(cfg.train.name, "train.name")
     run_dir = Path(cfg.train.run_dir) / cfg.train.name
+    _check_memory_parallel(cfg)
     validate_trainer(_trainer_kwargs(cfg, run_dir))
     owned = RunDir.claim(run_dir, resume=ckpt_path is not None, what="run directory",
                          hint="resume it with --ckpt_path last", lock=_global_rank() == 0)  # fmt: skip
@@ -344,8 +367,12 @@ def _train(cfg: RunConfig, ckpt_path: str | None, run_dir: Path) -> dict:
         "tensorboard": str(run_dir / "tensorboard"),
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
     }
+    model = module.model
+    if module._sharded:  # memory-parallel: every rank takes part in gathering the full tables
+        from memlm.model.memory.parallel import unsharded_copy
+
+        model = unsharded_copy(module.model)
     if trainer.is_global_zero:
-        model = module.model
         if cfg.train.probe_facts > 0:
             summary["fact_recall"] = fact_recall(model, tokenizer, cfg.data, n=cfg.train.probe_facts)
         if cfg.train.export:

@@ -175,7 +175,7 @@ class UltraMem(MemoryLayer):
         w = weights.transpose(-3, -2).reshape(*lead, hc, m)  # (B, T, cores, M)
         table = self.values.weight
         if hc > 1:
-            table = table.view(self.n_slots * hc, self.v_dim // hc)  # row n, slice c -> row n * h + c
+            table = table.view(self.n_slots * hc, -1)  # row n, slice c -> row n * h + c (-1: also a column shard's)
             idx = rows.unsqueeze(-2) * hc + torch.arange(hc, device=rows.device).unsqueeze(-1)  # (B, T, cores, M)
         else:
             idx = rows.unsqueeze(-2)  # (B, T, 1, M)

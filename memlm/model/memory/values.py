@@ -35,6 +35,32 @@ def value_lookup_reference(
     return out.view(*lead, table.shape[-1])
 
 
+def table_grad_rows(indices: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor):
+    """The table gradient of a weighted lookup, per touched row: (sorted unique rows (U,), rows (U, D)).
+
+    ``indices``, ``weights`` (M, K), ``grad_out`` (M, D): row u gets ``sum w[m, k] * grad_out[m]`` over the (m, k)
+    with ``indices[m, k] == u``. Sort the (row, bag) pairs by row and sum each row's segment with one embedding bag.
+    """
+    k = indices.shape[1]
+    rows, perm = torch.sort(indices.reshape(-1), stable=True)  # (L,): each row's occurrences, in order
+    uniq, counts = torch.unique_consecutive(rows, return_counts=True)  # (U,), (U,)
+    bags = perm // k  # (L,) the bag of each occurrence, grouped by row
+    starts = torch.cumsum(counts, 0) - counts  # (U,) segment offsets
+    grad_rows = F.embedding_bag(
+        bags, grad_out, starts, mode="sum", per_sample_weights=weights.reshape(-1)[perm].to(grad_out.dtype)
+    )  # (U, D)
+    return uniq, grad_rows
+
+
+def shard_of(table: torch.Tensor):
+    """The memory-parallel :class:`~memlm.model.memory.parallel.ShardSpec` of a table shard (or of a view of one,
+    e.g. UltraMem's per-core view), or None for a whole table."""
+    spec = getattr(table, "memory_shard", None)
+    if spec is None and table._base is not None:
+        spec = getattr(table._base, "memory_shard", None)
+    return spec
+
+
 class _TableGradBySegments(torch.autograd.Function):
     """Identity on the lookup's output whose backward adds the table's gradient, computed per touched row.
 
@@ -54,14 +80,7 @@ class _TableGradBySegments(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
         indices, weights = ctx.saved_tensors  # (M, K), (M, K) in the table's dtype
-        k = indices.shape[1]
-        rows, perm = torch.sort(indices.reshape(-1), stable=True)  # (L,): each row's occurrences, in order
-        uniq, counts = torch.unique_consecutive(rows, return_counts=True)  # (U,), (U,)
-        bags = perm // k  # (L,) the bag of each occurrence, grouped by row
-        starts = torch.cumsum(counts, 0) - counts  # (U,) segment offsets
-        grad_rows = F.embedding_bag(
-            bags, grad_out, starts, mode="sum", per_sample_weights=weights.reshape(-1)[perm].to(grad_out.dtype)
-        )  # (U, D)
+        uniq, grad_rows = table_grad_rows(indices, weights, grad_out)  # (U,), (U, D)
         if ctx.sparse:
             grad_table = torch.sparse_coo_tensor(
                 uniq.unsqueeze(0), grad_rows, ctx.table_shape, is_coalesced=True, check_invariants=False
@@ -93,8 +112,14 @@ def value_lookup(
     """Weighted sum of value rows; picks the fastest correct implementation for the device.
 
     ``impl``: "auto" (Triton on CUDA when installed, else :func:`value_lookup_segmented`), "torch" (that PyTorch
-    path), "reference" (plain ``F.embedding_bag``) or "triton".
+    path), "reference" (plain ``F.embedding_bag``) or "triton". A memory-parallel shard (``shard_of``) is read with
+    :func:`memlm.model.memory.parallel.sharded_value_lookup` (collectives over its group).
     """
+    spec = shard_of(table)
+    if spec is not None:
+        from memlm.model.memory.parallel import sharded_value_lookup
+
+        return sharded_value_lookup(table, indices, weights, spec, sparse=sparse)
     if impl == "reference":
         return value_lookup_reference(table, indices, weights, sparse=sparse)
     if impl == "torch" or (impl == "auto" and not table.is_cuda):
@@ -151,7 +176,13 @@ def row_dot(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, sparse:
         (..., K) with ``out[..., k] = <table[indices[..., k]], x>``. The (..., K, D) gathered rows exist only
         transiently: backward recomputes nothing from them (grad of x is ``value_lookup(table, indices, grad)``,
         grad of the table a row scatter of ``grad * x``), so activation memory is O(K), not O(K * D), per position.
+    A memory-parallel shard is read with :func:`memlm.model.memory.parallel.sharded_row_dot`.
     """
+    spec = shard_of(table)
+    if spec is not None:
+        from memlm.model.memory.parallel import sharded_row_dot
+
+        return sharded_row_dot(table, indices, x, spec, sparse=sparse)
     return _RowDot.apply(table, indices, x, sparse)
 
 

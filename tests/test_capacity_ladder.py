@@ -55,7 +55,7 @@ def ladder(tmp_path_factory):
 
 def test_every_model_and_seed_is_trained_evaluated_and_aggregated(ladder):
     tmp, r = ladder
-    data = json.loads((tmp / "out" / "capacity.json").read_text())
+    data = json.loads((tmp / "out" / "report" / "capacity.json").read_text())
     runs = {(x["model"], x["seed"]): x for x in data["runs"]}
     assert set(runs) == {(m, s) for m in ("dense", "memory_plus_64") for s in (0, 1)}
     for (m, s), x in runs.items():
@@ -78,11 +78,16 @@ def test_every_model_and_seed_is_trained_evaluated_and_aggregated(ladder):
         level = s[m]["levels"]["4"]["exact_match"]
         assert math.isclose(level["mean"], (a["levels"]["4"]["exact_match"] + b["levels"]["4"]["exact_match"]) / 2)
     assert s["dense"]["flops_vs_baseline"] == 1.0
-    if s["dense"]["agg"]["lift_seen"]["mean"]:
-        assert math.isclose(s["dense"]["lift_vs_baseline"]["mean"], 1.0)
+    assert "lift_vs_baseline" not in s["dense"]  # the baseline against itself is no measurement
+    lifts = s["memory_plus_64"]["agg"]["lift_seen"]["mean"], s["dense"]["agg"]["lift_seen"]["mean"]
+    if lifts[1]:
+        assert math.isclose(s["memory_plus_64"]["lift_vs_baseline"]["mean"], lifts[0] / lifts[1])
+    d = s["memory_plus_64"]["em_minus_baseline"]["4"]
+    assert math.isclose(d["mean"], s["memory_plus_64"]["levels"]["4"]["exact_match"]["mean"]
+                        - s["dense"]["levels"]["4"]["exact_match"]["mean"], abs_tol=1e-12)  # fmt: skip
     for png in ("recall_vs_exposure.png", "recall_vs_memory_size.png"):
-        assert (tmp / "out" / png).stat().st_size > 1000
-    md = (tmp / "out" / "capacity.md").read_text()
+        assert (tmp / "out" / "report" / png).stat().st_size > 1000
+    md = (tmp / "out" / "report" / "capacity.md").read_text()
     assert "Command: `python eval/capacity.py" in md and "| memory_plus_64 | 2 | 64 |" in md
     assert "4/4 runs done" in r.stdout and "ETA" in r.stdout  # progress a person can follow
 
@@ -94,6 +99,13 @@ def test_a_rerun_reuses_every_finished_run(ladder):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(0 to do)" in r.stdout
     assert (tmp / "out" / "runs" / "dense_s0" / "summary.yaml").stat().st_mtime_ns == before
+    full = (tmp / "out" / "report" / "capacity.json").read_bytes()
+    r = run_capacity(tmp, "--models", "dense", "--seeds", "1", "--limit", "6")  # a quick look at one model
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp / "out" / "evals" / "dense_s0.limit6.json").is_file()  # beside the full eval, not instead of it
+    quick = json.loads((tmp / "out" / "report_partial" / "capacity.json").read_text())
+    assert [x["name"] for x in quick["runs"]] == ["dense_s0"] and quick["runs"][0]["levels"]["1"]["n"] == 2
+    assert (tmp / "out" / "report" / "capacity.json").read_bytes() == full  # the full report is untouched
 
 
 def test_bad_ladders_are_one_line_errors_and_write_nothing(tmp_path):

@@ -97,6 +97,12 @@ def load_ladder(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _finished(plan: dict) -> bool:
+    from memlm.experiments.runs import finished_summary
+
+    return finished_summary(plan["run_dir"], plan["cfg"]) is not None
+
+
 def _shown(path: str | Path) -> str:
     """A path relative to the checkout when it is inside it (tables stay short and machine-independent)."""
     path = Path(path).resolve()
@@ -118,16 +124,18 @@ def run_config(args: list[str]):
     from memlm.config import load_run_config
 
     configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
-    return load_run_config(configs, [a for i, a in enumerate(args) if a != "--config" and args[i - 1] != "--config"])
+    rest = [a for i, a in enumerate(args) if a != "--config" and (i == 0 or args[i - 1] != "--config")]
+    return load_run_config(configs, rest)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # one run: train (or reuse / resume), then evaluate
 
 
-def plan_run(ladder: dict, model: dict, seed: int, out: Path) -> dict[str, Any]:
-    """What has to happen for one run; raises LadderError for an existing run dir that is not this recipe's."""
-    from memlm.experiments.compare import _finished_summary, _same_recipe
+def plan_run(ladder: dict, model: dict, seed: int, out: Path, limit: int | None = None) -> dict[str, Any]:
+    """What has to happen for one run: ``train``, ``resume``, ``eval``, ``done`` or ``foreign`` (an existing run dir
+    that is not a finished or resumable run of this recipe: never touched)."""
+    from memlm.experiments.runs import finished_summary, same_recipe
 
     args = run_args(ladder, model, seed, out)
     cfg = run_config(args)
@@ -136,13 +144,14 @@ def plan_run(ladder: dict, model: dict, seed: int, out: Path) -> dict[str, Any]:
     name = f"{model['name']}_s{seed}"
     run_dir = out / "runs" / name
     step = "train"
-    if _finished_summary(run_dir, cfg) is not None:
+    if finished_summary(run_dir, cfg) is not None:
         step = "eval"
-    elif (run_dir / "checkpoints" / "last.ckpt").is_file() and _same_recipe(run_dir, cfg):
+    elif (run_dir / "checkpoints" / "last.ckpt").is_file() and same_recipe(run_dir, cfg):
         step = "resume"
     elif run_dir.exists():
         step = "foreign"  # not a finished or resumable run of this recipe (or one still starting): never touched
-    eval_path = out / "evals" / f"{name}.json"
+    # a quick look (--limit) never stands in for the full evaluation, nor the other way round
+    eval_path = out / "evals" / (f"{name}.json" if limit is None else f"{name}.limit{limit}.json")
     if step == "eval" and eval_path.is_file():
         step = "done"
     return {"name": name, "model": model["name"], "seed": seed, "args": args, "run_dir": run_dir, "step": step,
@@ -165,9 +174,16 @@ def execute(plan: dict, task: str, threads: int, limit: int | None) -> None:
         for cmd in cmds:
             log.write(f"$ {shlex.join(cmd)}\n")
             log.flush()
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+            # the working directory stays the user's: relative paths (out, data files) mean what they mean to train.py
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
             if rc != 0:
                 raise RuntimeError(f"{plan['name']}: {Path(cmd[1]).name} exited {rc}; see {plan['log']}")
+            if cmd[1].endswith("train.py"):
+                from memlm.experiments.runs import finished_summary
+
+                if finished_summary(plan["run_dir"], plan["cfg"]) is None:  # e.g. interrupted, yet exit 0
+                    raise RuntimeError(f"{plan['name']}: training did not finish (no summary at "
+                                       f"{plan['cfg'].trainer['max_steps']} steps with an export); see {plan['log']}")
 
 
 def run_row(plan: dict, task: str) -> dict[str, Any]:
@@ -231,8 +247,8 @@ SLOT_KEYS = ("coverage", "distinct_slots", "shared_frac", "conflict_frac", "top1
 
 def slot_reads(plan: dict) -> dict[str, Any]:
     """Which memory slots the people prompts read (``memlm.inspection.fact_slots``), at the answer and the subject
-    position, first memory layer; cached in ``{out}/slot_reads/{run}.json``."""
-    path = plan["eval"].parent.parent / "slot_reads" / f"{plan['name']}.json"
+    position, first memory layer; cached in the run dir (``slot_reads.json``), beside the export it describes."""
+    path = plan["run_dir"] / "slot_reads.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     import memlm
@@ -290,10 +306,15 @@ def summarize(ladder: dict, rows: list[dict]) -> dict[str, Any]:
     base, ref = ladder.get("baseline"), ladder.get("reference")
     for name, e in models.items():
         lift = e["agg"]["lift_seen"]
+        # how many seeds reach 50 % EM at all (k50 averages only those: a censored seed would otherwise vanish)
+        e["k50_reached"] = sum(r["k50"] is not None for r in rows if r["model"] == name)
         if base in models:
-            e["lift_vs_baseline"] = ratio(lift, models[base]["agg"]["lift_seen"])
             e["flops_vs_baseline"] = e["flops_per_token"] / models[base]["flops_per_token"]
-        if ref in models:
+            if name != base:  # (a model against itself is 1 by definition, not a measurement)
+                e["lift_vs_baseline"] = ratio(lift, models[base]["agg"]["lift_seen"])
+                e["em_minus_baseline"] = {k: difference(v["exact_match"], models[base]["levels"][k]["exact_match"])
+                                          for k, v in e["levels"].items() if k in models[base]["levels"]}  # fmt: skip
+        if ref in models and name != ref:
             e["lift_minus_reference"] = difference(lift, models[ref]["agg"]["lift_seen"])
     return {"baseline": base, "reference": ref, "models": models}
 
@@ -320,7 +341,7 @@ def markdown(ladder: dict, summary: dict, meta: dict) -> str:
             f"| {name} | {len(e['seeds'])} | {e['slots'] or '-'} | {e['active_params']:,} | "
             f"{_num(e.get('flops_vs_baseline'))} | {fmt_pm(a['val_loss'], digits=3)} | "
             f"{fmt_pm(a['exact_match_seen'], 100)} | {fmt_pm(a['lift_seen'], 100)} | {fmt_pm(vs, digits=2)} | "
-            f"{fmt_pm(dr, 100)}{tag} | {fmt_pm(a['k50'], digits=1)} | {fmt_pm(a['bits'], digits=0)} | "
+            f"{fmt_pm(dr, 100)}{tag} | {_k50(e)} | {fmt_pm(a['bits'], digits=0)} | "
             f"{fmt_pm(a['bits_control'], digits=0)} | {fmt_pm(a['control_em'], 100)} |"
         )
     md += ["", "Recall (EM %) per exposure level k (appearances in the corpus; the training run passes over the corpus "
@@ -331,6 +352,14 @@ def markdown(ladder: dict, summary: dict, meta: dict) -> str:
                   + " |")  # fmt: skip
     chance = next(iter(ms.values()))["levels"]
     md.append("| chance | " + " | ".join(f"{100 * chance[k]['chance']:.1f}" for k in levels) + " |")
+    diffs = {n: e["em_minus_baseline"] for n, e in ms.items() if e.get("em_minus_baseline")}
+    if diffs:
+        md += ["", f"EM − {base} per exposure level (points, ± SE; * = resolved at 95 % by Welch's t test, otherwise "
+               "level):", "", "| model | " + " | ".join(f"k={k}" for k in levels) + " |",
+               "|---|" + "---|" * len(levels)]  # fmt: skip
+        for name, d in diffs.items():
+            cells = [fmt_pm(d.get(k), 100) + ("*" if (d.get(k) or {}).get("level") is False else "") for k in levels]
+            md.append(f"| {name} | " + " | ".join(cells) + " |")
     attrs = list(next(iter(ms.values()))["attributes"])
     md += ["", "Recall (EM %) per attribute, pooled over k >= 1:", "",
            "| model | " + " | ".join(attrs) + " |", "|---|" + "---|" * len(attrs)]  # fmt: skip
@@ -347,6 +376,13 @@ def markdown(ladder: dict, summary: dict, meta: dict) -> str:
                           f"{fmt_pm(a['coverage'], 100, 2)} | {fmt_pm(a['shared_frac'], 100)} | "
                           f"{fmt_pm(a['conflict_frac'], 100)} | {fmt_pm(a['top1_weight'], digits=3)} |")  # fmt: skip
     return "\n".join(md) + "\n"
+
+
+def _k50(e: dict) -> str:
+    """k50 mean ± SE, with the count of seeds that reach 50 % when not all do (the others are > the top level)."""
+    cell = fmt_pm(e["agg"]["k50"], digits=1)
+    n = len(e["seeds"])
+    return cell if e.get("k50_reached", n) == n else f"{cell} ({e['k50_reached']} of {n} seeds reach 50 %)"
 
 
 def _num(v: float | None) -> str:
@@ -450,10 +486,11 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 raise LadderError(f"--models: unknown {unknown} (the ladder has {names})")
             ladder["models"] = [m for m in ladder["models"] if m["name"] in want]
-        seeds = args.seeds or int(ladder["seeds"])
+        ladder_seeds = int(ladder["seeds"])
+        seeds = args.seeds or ladder_seeds
         out = Path(args.out or ladder.get("out") or f"runs/capacity/{Path(args.ladder).stem}")
         # seed-major: every model has a first seed before any has a second (a partial ladder is still a ladder)
-        plans = [plan_run(ladder, m, s, out) for s in range(seeds) for m in ladder["models"]]
+        plans = [plan_run(ladder, m, s, out, args.limit) for s in range(seeds) for m in ladder["models"]]
     except (LadderError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -492,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("[capacity] interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    rows = [run_row(p, ladder["task"]) for p in plans if p["eval"].is_file()]
+    # a run counts once both its training (summary at the full step count) and its evaluation are there
+    rows = [run_row(p, ladder["task"]) for p in plans if p["eval"].is_file() and _finished(p)]
     if not rows:
         print("error: no evaluated runs to report", file=sys.stderr)
         return 2
@@ -509,13 +547,16 @@ def main(argv: list[str] | None = None) -> int:
         "steps": int(cfg.trainer["max_steps"]), "batch_size": cfg.train.batch_size, "seq_len": cfg.seq_len,
     }  # fmt: skip
     meta["epochs"] = f"{sum(r['epochs'] for r in rows) / len(rows):.1f}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "capacity.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=2),
-                                       encoding="utf-8")  # fmt: skip
-    (out / "capacity.md").write_text(markdown(ladder, summary, meta), encoding="utf-8")
-    pngs = plot(summary, out)
-    print((out / "capacity.md").read_text(encoding="utf-8"))
-    print(f"[capacity] wrote {out / 'capacity.md'}, {out / 'capacity.json'}, {', '.join(map(str, pngs))}")
+    # a partial view (--models, fewer --seeds, --limit) never replaces the full ladder's report
+    partial = args.models or args.limit or seeds < int(ladder_seeds)
+    report = out / ("report_partial" if partial else "report")
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "capacity.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=2),
+                                          encoding="utf-8")  # fmt: skip
+    (report / "capacity.md").write_text(markdown(ladder, summary, meta), encoding="utf-8")
+    pngs = plot(summary, report)
+    print((report / "capacity.md").read_text(encoding="utf-8"))
+    print(f"[capacity] wrote {report / 'capacity.md'}, {report / 'capacity.json'}, {', '.join(map(str, pngs))}")
     if failed:
         print(f"error: {len(failed)} run(s) failed: {failed[0]}", file=sys.stderr)
         return 1

@@ -42,6 +42,7 @@ import time
 import traceback
 from pathlib import Path
 
+from memlm.experiments.runs import finished_summary, same_recipe
 from memlm.utils.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,39 +247,6 @@ def bench_fwd_bwd(rows: list[dict], rounds: int) -> dict[str, float]:
 # one variant
 
 
-def _covers(want, saved) -> bool:
-    """``saved`` agrees with ``want`` on every key it has (config fields added since the run was saved are skipped)."""
-    if isinstance(want, dict) and isinstance(saved, dict):
-        return all(k in want and _covers(want[k], v) for k, v in saved.items())
-    return want == saved
-
-
-def _same_recipe(run_dir: Path, cfg) -> bool:
-    """Whether ``run_dir`` was trained with ``cfg`` (model, data, optim, train sections and the step budget)."""
-    import yaml
-
-    from memlm.config import to_dict
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return False
-    saved, want = yaml.safe_load(path.read_text(encoding="utf-8")) or {}, to_dict(cfg)
-    want["model"]["vocab_size"] = saved.get("model", {}).get("vocab_size")  # the launcher takes it from the tokenizer
-    same = all(_covers(want[k], saved.get(k)) for k in ("model", "data", "optim", "train"))
-    return same and (saved.get("trainer") or {}).get("max_steps") == cfg.trainer["max_steps"]
-
-
-def _finished_summary(run_dir: Path, cfg) -> dict | None:
-    """The summary of a finished run of this very recipe (with its export), else None."""
-    import yaml
-
-    path = run_dir / "summary.yaml"
-    if not path.is_file() or not (run_dir / "export" / "model.safetensors").is_file() or not _same_recipe(run_dir, cfg):
-        return None
-    summary = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return summary if summary.get("steps") == cfg.trainer["max_steps"] else None
-
-
 def run_variant(args: argparse.Namespace, variant: str, overrides: list[str], seed: int | None = None) -> dict:
     """Train (or reuse) one variant (one seed of it) and return its table row."""
     from memlm.config import load_run_config, to_dict
@@ -290,18 +258,18 @@ def run_variant(args: argparse.Namespace, variant: str, overrides: list[str], se
     run_dir = Path(cfg.train.run_dir) / cfg.train.name
     name = cfg.train.name
     row_path = args.out / "rows" / f"{name}.json"
-    if args.skip_existing and row_path.is_file() and _same_recipe(run_dir, cfg):
+    if args.skip_existing and row_path.is_file() and same_recipe(run_dir, cfg):
         row = json.loads(row_path.read_text(encoding="utf-8"))
         if row.get("steps") == steps and row.get("error") is None:
             print(f"[compare] {name}: reusing {row_path}", flush=True)
             return row
 
-    summary = _finished_summary(run_dir, cfg) if args.skip_existing else None
+    summary = finished_summary(run_dir, cfg) if args.skip_existing else None
     if summary is not None:
         print(f"[compare] {name}: reusing finished run {run_dir}", flush=True)
     else:
         ckpt = None
-        if args.skip_existing and (run_dir / "checkpoints" / "last.ckpt").is_file() and _same_recipe(run_dir, cfg):
+        if args.skip_existing and (run_dir / "checkpoints" / "last.ckpt").is_file() and same_recipe(run_dir, cfg):
             ckpt = "last"
             print(f"[compare] {name}: resuming {run_dir} from its last checkpoint", flush=True)
         elif run_dir.exists():  # (main refuses existing run dirs without --skip_existing)

@@ -547,8 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": int(cfg.trainer["max_steps"]), "batch_size": cfg.train.batch_size, "seq_len": cfg.seq_len,
     }  # fmt: skip
     meta["epochs"] = f"{sum(r['epochs'] for r in rows) / len(rows):.1f}"
-    # a partial view (--models, fewer --seeds, --limit) never replaces the full ladder's report
-    partial = args.models or args.limit or seeds < int(ladder_seeds)
+    # a partial view (--models, fewer --seeds, --limit, runs still missing) never replaces the full ladder's report
+    partial = args.models or args.limit or seeds < int(ladder_seeds) or len(rows) < len(plans)
     report = out / ("report_partial" if partial else "report")
     report.mkdir(parents=True, exist_ok=True)
     (report / "capacity.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=2),

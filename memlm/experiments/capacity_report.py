@@ -130,6 +130,22 @@ def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Both plots' common finish: log2 x axis, labels, grid, legend, title; written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{title} (mean ± SE over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(summary: dict, out_dir: Path) -> list[Path]:
     """recall_vs_exposure.png (EM per level, one line per model, chance dashed) and recall_vs_memory_size.png
     (pooled lift against slots for the memory models, the dense models as horizontal bands)."""
@@ -151,16 +167,8 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
     first = next(iter(ms.values()))["levels"]
     ks = sorted(first, key=int)
     ax.plot([max(int(k), 0.5) for k in ks], [100 * first[k]["chance"] for k in ks], "k:", label="chance")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("exposure level k (appearances in the corpus; 0.5 = never seen)")
-    ax.set_ylabel("exact match (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("recall vs exposure (mean ± SE over seeds)")
-    fig.tight_layout()
-    paths.append(out_dir / "recall_vs_exposure.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, ax, "exposure level k (appearances in the corpus; 0.5 = never seen)", "exact match (%)",
+                       "recall vs exposure", out_dir / "recall_vs_exposure.png"))  # fmt: skip
 
     mem = {n: e for n, e in ms.items() if e["slots"]}
     if mem:
@@ -174,14 +182,6 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
             m, se = 100 * e["agg"]["lift_seen"]["mean"], 100 * (e["agg"]["lift_seen"]["se"] or 0)
             ax.axhline(m, color=c, linestyle="--", label=f"{name} ({e['active_params'] / 1e6:.2f}M active)")
             ax.axhspan(m - se, m + se, color=c, alpha=0.15)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("memory slots")
-        ax.set_ylabel("pooled lift over chance, k >= 1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title("recall vs memory size (mean ± SE over seeds)")
-        fig.tight_layout()
-        paths.append(out_dir / "recall_vs_memory_size.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(fig, ax, "memory slots", "pooled lift over chance, k >= 1 (%)", "recall vs memory size",
+                           out_dir / "recall_vs_memory_size.png"))  # fmt: skip
     return paths

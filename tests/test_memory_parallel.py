@@ -215,7 +215,7 @@ def test_each_rank_holds_only_its_shard(tmp_path):
 def _smf_case(rank: int) -> dict:
     """SMF on a sharded table: the group agrees on the top-t rows (counts summed over ranks), each rank steps its
     columns of them with the lazy Adam; every other row of the shard and of its moments stays bitwise."""
-    from memlm.continual.smf import rows_of_grad, select_top_t
+    from memlm.continual.smf import group_counts, rows_of_grad, select_top_t
     from memlm.model.memory.sparse_update import RowSparseAdam
 
     rows, dim, t = 64, 32, 5
@@ -228,8 +228,7 @@ def _smf_case(rank: int) -> dict:
     g = torch.Generator().manual_seed(10 + rank)
     idx = torch.randint(0, rows, (7, 4), generator=g)
     value_lookup(sh, idx, torch.rand(7, 4, generator=g), sparse=True).sum().backward()
-    counts = torch.bincount(idx.reshape(-1), minlength=rows).float()
-    dist.all_reduce(counts)  # the group's counts: every rank selects the same rows
+    counts = group_counts(torch.bincount(idx.reshape(-1), minlength=rows).float(), sh)  # every rank: the same rows
     sel = select_top_t(counts, counts, t)
     r, gr = rows_of_grad(sh.grad, sel)
     opt.step_rows(sh, r, gr)
@@ -265,18 +264,20 @@ def test_traffic_accounting():
 
 
 # ---------------------------------------------------------------------------------------------- training
-@pytest.mark.slow  # three train.py runs (> 30 s even on an idle 2-core machine)
-@pytest.mark.xfail(strict=False, reason="open: steps 1-4 match to 1e-6, then the curves drift (2e-4 at step 5, 0.08 at "
-                   "step 20): a discrete event near step 4 (clipping threshold? row-sparse semantics?), not found yet")
 def test_train_two_process_memory_parallel_matches_one_process(tmp_path):
     """20 steps with 2-process memory parallelism (row-sparse Adam) == 1 process on the same global batch; the
-    2-process checkpoint resumes at world size 1 and continues as the 1-process run; the export loads."""
+    2-process checkpoint resumes at world size 1 and continues exactly as the 1-process checkpoint resumed the same
+    way; the export written by the 2-process run loads.
+
+    Both runs have ``max_steps=20`` (the warmup + cosine schedule is laid out over ``max_steps``: comparing a 20-step
+    run with the first 20 steps of a 24-step one compares two learning-rate schedules). Both are then resumed to 24
+    steps with one process, so both see the same schedule change at the resume."""
     import memlm
 
     common = ["--data.shuffle=false", "--trainer.val_check_interval=100", "--trainer.limit_val_batches=1",
               "--trainer.accelerator=cpu", "--model.memory.parallel=dim", "--optim.value_optimizer=row_sparse_adam",
               "--train.checkpoint_every=20", f"--train.run_dir={tmp_path}"]  # fmt: skip
-    single = run_train(*common, "--train.name=single", "--train.batch_size=4", "--trainer.max_steps=24",
+    single = run_train(*common, "--train.name=single", "--train.batch_size=4", "--trainer.max_steps=20",
                        "--train.export=false", cache=tmp_path / "cache", timeout=T)  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
     mp_run = run_train(*common, "--train.name=mp", "--train.batch_size=2", "--trainer.max_steps=20",
@@ -285,15 +286,18 @@ def test_train_two_process_memory_parallel_matches_one_process(tmp_path):
     assert mp_run.returncode == 0, mp_run.stderr[-3000:]
     a = json.loads((tmp_path / "single" / "train_losses.json").read_text())
     b = json.loads((tmp_path / "mp" / "train_losses.json").read_text())
-    assert list(b) == [str(i) for i in range(1, 21)]
+    assert list(a) == list(b) == [str(i) for i in range(1, 21)]
     for k in b:
         assert abs(a[k] - b[k]) < 1e-4, (k, a[k], b[k])
-    # the checkpoint holds full tables: resume with one process and continue as the single run
-    resumed = run_train(*common, "--train.name=mp", "--train.batch_size=4", "--trainer.max_steps=24",
-                        "--ckpt_path=last", "--train.export=false", cache=tmp_path / "cache", timeout=T)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the checkpoints hold full tables: both resume with one process (the same schedule change) and stay equal
+    for name in ("single", "mp"):
+        resumed = run_train(*common, f"--train.name={name}", "--train.batch_size=4", "--trainer.max_steps=24",
+                            "--ckpt_path=last", "--train.export=false", cache=tmp_path / "cache",
+                            timeout=T)  # fmt: skip
+        assert resumed.returncode == 0, (name, resumed.stderr[-3000:])
+    a = json.loads((tmp_path / "single" / "train_losses.json").read_text())
     c = json.loads((tmp_path / "mp" / "train_losses.json").read_text())
-    assert list(c) == [str(i) for i in range(1, 25)]
+    assert list(a) == list(c) == [str(i) for i in range(1, 25)]
     for k in ("21", "22", "23", "24"):
         assert abs(a[k] - c[k]) < 1e-4, (k, a[k], c[k])
     model, _ = memlm.load_pretrained(tmp_path / "mp" / "export")  # written by the 2-process run: full tables

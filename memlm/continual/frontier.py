@@ -9,7 +9,6 @@ level, a markdown table and a plot.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 

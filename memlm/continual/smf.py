@@ -30,6 +30,7 @@ from memlm.config import FinetuneConfig
 from memlm.continual.background import BackgroundStats, table_counts
 from memlm.continual.methods import FinetuneMethod, check_method_applies, freeze_all_but
 from memlm.model.memory.sparse_update import RowSparseAdam, sgd_rows_
+from memlm.model.memory.values import shard_of
 
 # ----------------------------------------------------------------------------------------------------------------------
 # ranking and selection (pure functions on count tables)
@@ -76,6 +77,16 @@ def select_top_t(scores: torch.Tensor, counts: torch.Tensor, t: int) -> torch.Te
         order = torch.sort(scores[cand], descending=True, stable=True).indices[:t]  # (t,)
         cand = cand[order]
     return cand.sort().values
+
+
+def group_counts(counts: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """A memory-parallel shard's (N,) access counts summed over its group, in place (a collective), so every rank
+    selects the same rows; its gradient already holds every rank's tokens (``memlm.model.memory.parallel``). An
+    unsharded table's counts are returned as they are."""
+    spec = shard_of(table)
+    if spec is not None and spec.world > 1:
+        torch.distributed.all_reduce(counts, group=spec.group)
+    return counts
 
 
 def row_mask(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -149,6 +160,8 @@ class SparseMemoryFinetuning(FinetuneMethod):
         rows = []
         self.last_scores = []
         for k, c in enumerate(counts):
+            c = group_counts(c, self.tables[k])
+            counts[k] = c
             scores = rank_scores(c, self.stats, k, self.smf.ranking, self.smf.df_unit)
             rows.append(select_top_t(scores, c, self.smf.top_t))
             self.last_scores.append(scores)

@@ -63,7 +63,10 @@ def _trainer_kwargs(cfg: RunConfig, run_dir: Path) -> dict:
         plugins.append(AtomicCheckpointIO())  # temp file + fsync + rename: a crash never corrupts a checkpoint
     kw["plugins"] = plugins
     if kw.get("strategy") == "fsdp":
-        kw["strategy"] = fsdp_strategy()
+        from memlm.training.fsdp import fsdp_strategy
+
+        acc = kw.get("accelerator", "auto")
+        kw["strategy"] = fsdp_strategy(cpu=acc == "cpu" or (acc == "auto" and not torch.cuda.is_available()))
     return kw
 
 
@@ -128,17 +131,6 @@ def validate_trainer(kw: dict) -> None:
     finally:
         for q, lv in zip(quiet, levels):
             q.setLevel(lv)
-
-
-def fsdp_strategy():
-    """FSDP with one unit per transformer block. The memory value table (Memory+: one pool shared by every memory
-    layer) stays in the root unit, so its rows, gradients and optimizer state are sharded across all ranks at rest and
-    gathered only for the forward/backward — the table is the model's bulk, this is where sharding pays."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from memlm.model.transformer import Block
-
-    return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", state_dict_type="full")
 
 
 def _resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -367,11 +359,7 @@ def _train(cfg: RunConfig, ckpt_path: str | None, run_dir: Path) -> dict:
         "tensorboard": str(run_dir / "tensorboard"),
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
     }
-    model = module.model
-    if module._sharded:  # memory-parallel: every rank takes part in gathering the full tables
-        from memlm.model.memory.parallel import unsharded_copy
-
-        model = unsharded_copy(module.model)
+    model = _full_model(module, trainer)
     if trainer.is_global_zero:
         if cfg.train.probe_facts > 0:
             summary["fact_recall"] = fact_recall(model, tokenizer, cfg.data, n=cfg.train.probe_facts)
@@ -381,6 +369,28 @@ def _train(cfg: RunConfig, ckpt_path: str | None, run_dir: Path) -> dict:
         atomic_write_text(run_dir / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
         print_summary(summary)
     return summary
+
+
+def _full_model(module, trainer):
+    """The trained model with every parameter whole, for the export and the fact probe (rank 0 uses it). A collective:
+    every rank calls it. Memory-parallel: the tables gathered into a copy; FSDP: the full state dict (gathered on rank
+    0) loaded into a fresh model (None on other ranks); otherwise the live model."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if module._sharded:
+        from memlm.model.memory.parallel import unsharded_copy
+
+        return unsharded_copy(module.model)
+    if isinstance(trainer.strategy, FSDPStrategy):
+        from memlm.model import MemLM
+
+        state = trainer.strategy.lightning_module_state_dict()  # LightningModule keys: "model.<name>"
+        if not trainer.is_global_zero:
+            return None
+        model = MemLM(module.model.cfg)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        return model
+    return module.model
 
 
 def _read_summary(path: Path) -> dict | None:

@@ -244,6 +244,10 @@ class MemLMSummary(ModelSummary):
 
         pc = param_counts(cfg)
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        sharded = isinstance(trainer.strategy, FSDPStrategy) or getattr(pl_module, "_sharded", 0)
+        held = "trainable held by rank 0 (sharded)" if sharded and trainer.world_size > 1 else "trainable"
         mem = cfg.memory
         where = (f"{mem.kind} at blocks {list(cfg.memory_layers())}, {mem.n_keys ** 2:,} slots, {mem.heads} heads x "
                  f"top-{mem.knn}") if mem is not None else "none (dense)"  # fmt: skip
@@ -251,7 +255,7 @@ class MemLMSummary(ModelSummary):
             f"model     {cfg.n_layers} layers x dim {cfg.dim}, {cfg.n_heads} heads, vocab {cfg.vocab_size}, "
             f"context {cfg.max_seq_len}",
             f"memory    {where}",
-            f"params    {pc['total']:,} total, {pc['active']:,} active per token, {trainable:,} trainable",
+            f"params    {pc['total']:,} total, {pc['active']:,} active per token, {trainable:,} {held}",
             f"FLOPs     {flops_per_token(cfg):,} per token (forward)",
         ]
         print("\n".join(lines), flush=True)

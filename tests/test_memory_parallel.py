@@ -5,7 +5,6 @@ bytes, SMF on a shard, and training through ``train.py``: 2-process ``--model.me
 the same global batch (losses within 1e-4), saved at world size 2, resumed at 1 and exported.
 """
 
-import json
 import os
 import socket
 import sys
@@ -22,7 +21,7 @@ from memlm.model.memory import parallel
 from memlm.model.memory.values import row_dot, shard_of, value_lookup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import run_train  # noqa: E402
+from test_train import assert_same_curve, run_train  # noqa: E402
 
 WORLD = 2
 T = 1800  # seconds per train.py run: generous, the CI box may be shared
@@ -284,22 +283,14 @@ def test_train_two_process_memory_parallel_matches_one_process(tmp_path):
                        "--trainer.devices=2", "--trainer.strategy=ddp", cache=tmp_path / "cache",
                        timeout=T)  # fmt: skip
     assert mp_run.returncode == 0, mp_run.stderr[-3000:]
-    a = json.loads((tmp_path / "single" / "train_losses.json").read_text())
-    b = json.loads((tmp_path / "mp" / "train_losses.json").read_text())
-    assert list(a) == list(b) == [str(i) for i in range(1, 21)]
-    for k in b:
-        assert abs(a[k] - b[k]) < 1e-4, (k, a[k], b[k])
+    assert_same_curve(tmp_path / "single", tmp_path / "mp", range(1, 21))
     # the checkpoints hold full tables: both resume with one process (the same schedule change) and stay equal
     for name in ("single", "mp"):
         resumed = run_train(*common, f"--train.name={name}", "--train.batch_size=4", "--trainer.max_steps=24",
                             "--ckpt_path=last", "--train.export=false", cache=tmp_path / "cache",
                             timeout=T)  # fmt: skip
         assert resumed.returncode == 0, (name, resumed.stderr[-3000:])
-    a = json.loads((tmp_path / "single" / "train_losses.json").read_text())
-    c = json.loads((tmp_path / "mp" / "train_losses.json").read_text())
-    assert list(a) == list(c) == [str(i) for i in range(1, 25)]
-    for k in ("21", "22", "23", "24"):
-        assert abs(a[k] - c[k]) < 1e-4, (k, a[k], c[k])
+    assert_same_curve(tmp_path / "single", tmp_path / "mp", range(1, 25))
     model, _ = memlm.load_pretrained(tmp_path / "mp" / "export")  # written by the 2-process run: full tables
     assert model.value_tables()[0].weight.shape == (64, 32)
 

@@ -24,6 +24,17 @@ def run_train(*args: str, cache: Path, timeout: int = 300) -> subprocess.Complet
     )  # fmt: skip
 
 
+def assert_same_curve(run_a: Path, run_b: Path, steps: range, tol: float = 1e-4) -> None:
+    """The two runs' ``train_losses.json`` hold exactly ``steps`` and agree within ``tol`` at each of them."""
+    import json
+
+    a = json.loads((run_a / "train_losses.json").read_text())
+    b = json.loads((run_b / "train_losses.json").read_text())
+    assert list(a) == list(b) == [str(i) for i in steps], (list(a), list(b))
+    for k in a:
+        assert abs(a[k] - b[k]) < tol, (k, a[k], b[k])
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny run (6 steps) shared by the tests below."""
@@ -132,8 +143,6 @@ def test_schedules():
 
 def test_ddp_two_processes_match_single_process(tmp_path):
     """2-process DDP on CPU (gloo) with the same global batch as one process gives the same loss curve."""
-    import json
-
     common = ["--data.shuffle=false", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
               "--train.export=false", "--trainer.accelerator=cpu"]  # fmt: skip
     single = run_train(*common, f"--train.run_dir={tmp_path}", "--train.name=single", "--train.batch_size=4",
@@ -142,11 +151,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     ddp = run_train(*common, f"--train.run_dir={tmp_path}", "--train.name=ddp", "--train.batch_size=2",
                     "--trainer.devices=2", "--trainer.strategy=ddp", cache=tmp_path / "cache")  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    a = json.loads((tmp_path / "single" / "train_losses.json").read_text())
-    b = json.loads((tmp_path / "ddp" / "train_losses.json").read_text())
-    assert list(a) == list(b) == ["1", "2", "3", "4"]
-    for k in a:
-        assert abs(a[k] - b[k]) < 1e-4, (k, a[k], b[k])
+    assert_same_curve(tmp_path / "single", tmp_path / "ddp", range(1, 5))
 
 
 @pytest.mark.slow

@@ -171,6 +171,7 @@ def clip_grad_norm_sparse_(params: list[torch.nn.Parameter], max_norm: float | N
     """``clip_grad_norm_`` that also takes sparse COO gradients: they are coalesced in place (duplicate rows summed,
     so the norm is that of the dense gradient) and their values scaled. Returns the total pre-clip norm. Gradients of
     memory-parallel shards (and, with ``fsdp``, every gradient: FSDP shards them all) count over all ranks."""
+    from memlm.model.memory.sparse_update import coalesced
     from memlm.model.memory.values import shard_of
 
     if fsdp:  # every rank holds a disjoint slice of each gradient: the squared norms add up over the world
@@ -190,7 +191,7 @@ def clip_grad_norm_sparse_(params: list[torch.nn.Parameter], max_norm: float | N
     norms = []
     for p in [p for p in params if shard_of(p) is None]:
         if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()
+            p.grad = coalesced(p.grad)
             norms.append(torch.linalg.vector_norm(p.grad.values(), dtype=torch.float32))  # (U, D) rows only
         else:
             norms.append(torch.linalg.vector_norm(p.grad, dtype=torch.float32))
@@ -200,7 +201,7 @@ def clip_grad_norm_sparse_(params: list[torch.nn.Parameter], max_norm: float | N
         sq = torch.zeros((), dtype=torch.float32, device=sharded[0].device)
         for p in sharded:
             if p.grad.is_sparse:
-                p.grad = p.grad.coalesce()
+                p.grad = coalesced(p.grad)
             g = p.grad.values() if p.grad.is_sparse else p.grad
             sq = sq + torch.linalg.vector_norm(g, dtype=torch.float32) ** 2
         norms.append(group_sum_of_squares(sq, sharded).sqrt())

@@ -39,10 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memlm.config import ConfigError
-from memlm.model.memory.values import shard_of, table_grad_rows
+from memlm.model.memory.values import row_dots, shard_of, table_grad
 
 PARALLEL_MODES = ("none", "dim")
-_CHUNK_ELEMS = 2**22  # elements of the transient (rows, K, D/W) gather of a weight-gradient chunk
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,24 +113,6 @@ def _join_columns(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.permute(1, 0, 2).reshape(m, w * c)
 
 
-def _row_dots(table: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(M, K) ``<table[idx[m, k]], x[m]>`` in chunks of tokens (the (chunk, K, C) gather is transient)."""
-    out = x.new_empty(idx.shape, dtype=table.dtype)
-    step = max(1, _CHUNK_ELEMS // max(1, idx.shape[1] * table.shape[1]))
-    for a in range(0, idx.shape[0], step):
-        rows = F.embedding(idx[a : a + step], table)  # (chunk, K, C)
-        out[a : a + step] = torch.einsum("mkc,mc->mk", rows, x[a : a + step].to(rows.dtype))
-    return out
-
-
-def _table_grad(rows_grad: tuple[torch.Tensor, torch.Tensor], shape, sparse: bool, scale: float) -> torch.Tensor:
-    uniq, grad_rows = rows_grad  # (U,), (U, C)
-    grad_rows = grad_rows * scale
-    if sparse:
-        return torch.sparse_coo_tensor(uniq.unsqueeze(0), grad_rows, shape, is_coalesced=True, check_invariants=False)
-    return grad_rows.new_zeros(shape).index_copy_(0, uniq, grad_rows)
-
-
 class _ShardedLookup(torch.autograd.Function):
     """out (M, W*C) = sum_k w[m, k] V[idx[m, k]] for this rank's M tokens, from a (N, C) column shard (steps 1-6)."""
 
@@ -154,10 +135,9 @@ class _ShardedLookup(torch.autograd.Function):
         g_all = _from_owners(_split_columns(grad_out, spec), sizes, spec)  # (M_all, C): all tokens, my columns
         grad_table = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_table = _table_grad(table_grad_rows(idx_all, w_all, g_all.to(table.dtype)), table.shape, ctx.sparse,
-                                     1.0 / spec.world)  # fmt: skip
+            grad_table = table_grad(idx_all, w_all, g_all.to(table.dtype), table.shape, ctx.sparse, 1.0 / spec.world)
         if ctx.needs_input_grad[2]:
-            part = _row_dots(table, idx_all, g_all)  # (M_all, K) partial over my columns
+            part = row_dots(table, idx_all, g_all)  # (M_all, K) partial over my columns
             grad_w = _to_owners(part, sizes, spec).sum(0)  # (M, K): summed over the ranks' columns
         return grad_table, None, grad_w, None, None
 
@@ -170,7 +150,7 @@ class _ShardedRowDot(torch.autograd.Function):
         sizes = _sizes(idx.shape[0], spec, idx.device)
         idx_all = _gather_rows(idx, sizes, spec)  # (M_all, K)
         x_all = _from_owners(_split_columns(x.detach(), spec), sizes, spec)  # (M_all, C): all tokens, my columns
-        part = _row_dots(table.detach(), idx_all, x_all)  # (M_all, K) partial over my columns
+        part = row_dots(table.detach(), idx_all, x_all)  # (M_all, K) partial over my columns
         out = _to_owners(part, sizes, spec).sum(0)  # (M, K)
         ctx.save_for_backward(idx_all, x_all)
         ctx.table, ctx.spec, ctx.sizes, ctx.sparse, ctx.x_dtype = table, spec, sizes, sparse, x.dtype
@@ -187,8 +167,7 @@ class _ShardedRowDot(torch.autograd.Function):
             part = F.embedding_bag(idx_all, table, per_sample_weights=g_all.to(table.dtype), mode="sum")  # (M_all, C)
             grad_x = _join_columns(_to_owners(part, sizes, spec)).to(ctx.x_dtype)  # (M, W*C)
         if ctx.needs_input_grad[0]:
-            grad_table = _table_grad(table_grad_rows(idx_all, g_all, x_all.to(table.dtype)), table.shape, ctx.sparse,
-                                     1.0 / spec.world)  # fmt: skip
+            grad_table = table_grad(idx_all, g_all, x_all.to(table.dtype), table.shape, ctx.sparse, 1.0 / spec.world)
         return grad_table, None, grad_x, None, None
 
 

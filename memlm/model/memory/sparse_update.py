@@ -146,10 +146,26 @@ def coalesce_rows(rows: torch.Tensor, grad_rows: torch.Tensor) -> tuple[torch.Te
     return uniq, out
 
 
+def coalesced(grad: torch.Tensor) -> torch.Tensor:
+    """A sparse COO row gradient, coalesced, without the sort and copy when its rows are already sorted unique.
+
+    The lookups build their table gradients coalesced (sorted unique rows), but autograd stores a gradient it
+    steals into ``.grad`` without that flag, so ``.coalesce()`` would sort and copy it again every step. A COO
+    tensor whose 1-D row indices strictly increase is coalesced by definition: checking that is O(rows), and the
+    tensor is re-flagged sharing its indices and values. Gradients summed from several backward contributions
+    (a shared table read by several layers, accumulation) do have duplicate rows and are coalesced for real."""
+    if not grad.is_sparse or grad.is_coalesced():
+        return grad
+    idx = grad._indices()
+    if idx.shape[0] == 1 and (idx.shape[1] < 2 or bool((idx[0, 1:] > idx[0, :-1]).all())):
+        return torch.sparse_coo_tensor(idx, grad._values(), grad.shape, is_coalesced=True, check_invariants=False)
+    return grad.coalesce()
+
+
 def grad_to_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A parameter gradient as (unique rows, grad rows): sparse COO -> its rows; dense -> rows with a non-zero."""
     if grad.is_sparse:
-        grad = grad.coalesce()
+        grad = coalesced(grad)
         return grad.indices()[0], grad.values()  # (U,), (U, ...)
     touched = grad.reshape(grad.shape[0], -1).ne(0).any(dim=1).nonzero().squeeze(1)  # (U,)
     return touched, grad.index_select(0, touched)

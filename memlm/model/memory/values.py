@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -61,48 +62,88 @@ def shard_of(table: torch.Tensor):
     return spec
 
 
-class _TableGradBySegments(torch.autograd.Function):
-    """Identity on the lookup's output whose backward adds the table's gradient, computed per touched row.
+_CHUNK_ELEMS = 2**22  # elements of the transient (tokens, K, D) row gather of the chunked row_dots fallback
 
-    ``F.embedding_bag``'s own table backward (with per-sample weights) materializes an (M*K, D) tensor of weighted
-    grad rows and then sorts or coalesces it. This computes the same rows as one more embedding bag instead: sort
-    the (row, bag) pairs by row, and sum ``w * grad_out[bag]`` over each row's segment. The result is the U touched
-    rows (U, D), with no (M*K, D) intermediate. The weights' gradient stays with ``F.embedding_bag``.
+
+def row_dots(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(M, K) ``<table[indices[m, k]], x[m]>`` for (N, D) ``table``, (M, K) ``indices``, (M, D) ``x``.
+
+    The weights' gradient of a lookup (``x`` = the output gradient) and PEER's / UltraMemV2's row dots. For fp32 /
+    fp64 on CPU this is one sampled dense-dense matmul (``torch.sparse.sampled_addmm``: ``x @ table.T`` at the
+    (m, indices[m, k]) entries only), without the (M, K, D) gathered rows; ~2x faster on CPU than the weights'
+    gradient of ``F.embedding_bag`` and multi-threaded. Other dtypes / devices gather rows in chunks of tokens.
+    """
+    m, k = indices.shape
+    x = x.to(table.dtype)
+    if not table.is_cuda and table.dtype in (torch.float32, torch.float64) and m * k:
+        cols, order = indices.sort(dim=1)  # (M, K): CSR wants each row's columns in order (duplicates are fine)
+        crow = torch.arange(0, m * k + 1, k, device=indices.device)  # (M + 1,) every row holds K entries
+        with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice, on every run otherwise
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), x.new_zeros(m * k), (m, table.shape[0]),
+                                              check_invariants=False)  # fmt: skip
+        vals = torch.sparse.sampled_addmm(pattern, x, table.t(), beta=0.0).values().view(m, k)  # sorted order
+        return torch.empty_like(vals).scatter_(1, order, vals)
+    out = x.new_empty(m, k)
+    step = max(1, _CHUNK_ELEMS // max(1, k * table.shape[1]))
+    for a in range(0, m, step):
+        rows = F.embedding(indices[a : a + step], table)  # (chunk, K, D)
+        out[a : a + step] = torch.einsum("mkd,md->mk", rows, x[a : a + step])
+    return out
+
+
+def table_grad(indices: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, shape, sparse: bool,
+               scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    """The (``shape``) table gradient of a weighted lookup from :func:`table_grad_rows`: a coalesced sparse COO tensor
+    (``sparse``, sorted unique rows) or a dense one; optionally times ``scale``."""
+    uniq, grad_rows = table_grad_rows(indices, weights, grad_out)  # (U,), (U, D)
+    if scale is not None:
+        grad_rows = grad_rows * scale
+    if sparse:
+        return torch.sparse_coo_tensor(uniq.unsqueeze(0), grad_rows, shape, is_coalesced=True, check_invariants=False)
+    return grad_rows.new_zeros(shape).index_copy_(0, uniq, grad_rows)
+
+
+class _WeightedLookup(torch.autograd.Function):
+    """out (M, D) = sum_k w[m, k] table[idx[m, k]], with a backward that computes each gradient the cheap way.
+
+    Forward: ``F.embedding_bag`` on detached inputs (its forward-only kernel; nothing of it is kept). Backward: the
+    table's gradient per touched row (:func:`table_grad_rows`: one more embedding bag over the rows' segments, no
+    (M*K, D) intermediate, unlike ``F.embedding_bag``'s own backward) and the weights' gradient as row dots
+    (:func:`row_dots`, a sampled matmul on CPU, instead of ``F.embedding_bag``'s single-threaded kernel).
     """
 
     @staticmethod
-    def forward(ctx, out, table, indices, weights, sparse: bool):  # noqa: D102
+    def forward(ctx, table, indices, weights, sparse: bool):  # noqa: D102
         ctx.save_for_backward(indices, weights)
-        ctx.table_shape, ctx.sparse = table.shape, sparse
-        return out.view_as(out)
+        ctx.table, ctx.sparse = table, sparse  # a parameter, kept by reference (for the weights' gradient)
+        return F.embedding_bag(indices, table.detach(), per_sample_weights=weights.detach(), mode="sum")  # (M, D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
         indices, weights = ctx.saved_tensors  # (M, K), (M, K) in the table's dtype
-        uniq, grad_rows = table_grad_rows(indices, weights, grad_out)  # (U,), (U, D)
-        if ctx.sparse:
-            grad_table = torch.sparse_coo_tensor(
-                uniq.unsqueeze(0), grad_rows, ctx.table_shape, is_coalesced=True, check_invariants=False
-            )
-        else:
-            grad_table = grad_rows.new_zeros(ctx.table_shape).index_copy_(0, uniq, grad_rows)
-        return grad_out, grad_table, None, None, None
+        table = ctx.table.detach()
+        grad_table = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_table = table_grad(indices, weights, grad_out, table.shape, ctx.sparse)
+        if ctx.needs_input_grad[2]:
+            grad_w = row_dots(table, indices, grad_out)  # (M, K)
+        return grad_table, None, grad_w, None
 
 
 def value_lookup_segmented(
     table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse: bool = False
 ) -> torch.Tensor:
-    """:func:`value_lookup_reference` with the table gradient computed per touched row (the PyTorch fast path).
-
-    Same values and gradients as the reference; it avoids the reference's (M*K, D) backward intermediate.
-    """
+    """:func:`value_lookup_reference` with both gradients computed the cheap way (the PyTorch fast path,
+    :class:`_WeightedLookup`). Same values and gradients as the reference."""
     lead, k = indices.shape[:-1], indices.shape[-1]
     flat_idx = indices.reshape(-1, k)  # (M, K)
     flat_w = weights.reshape(-1, k).to(table.dtype)  # (M, K)
-    out = F.embedding_bag(flat_idx, table.detach(), per_sample_weights=flat_w, mode="sum")  # (M, D): grad to weights
-    if table.requires_grad and torch.is_grad_enabled():
-        out = _TableGradBySegments.apply(out, table, flat_idx, flat_w.detach(), sparse)
+    if torch.is_grad_enabled() and (table.requires_grad or flat_w.requires_grad):
+        out = _WeightedLookup.apply(table, flat_idx, flat_w, sparse)
+    else:
+        out = F.embedding_bag(flat_idx, table, per_sample_weights=flat_w, mode="sum")  # (M, D)
     return out.view(*lead, table.shape[-1])
 
 
@@ -136,31 +177,24 @@ class _RowDot(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, sparse: bool) -> torch.Tensor:
-        rows = F.embedding(indices, table)  # (..., K, D): transient, not saved
-        out = torch.einsum("...kd,...d->...k", rows, x.to(rows.dtype))  # (..., K)
-        ctx.save_for_backward(indices, x)
-        ctx.table_shape, ctx.table_dtype, ctx.sparse = table.shape, table.dtype, sparse
-        ctx.table = table  # parameter (not an activation): kept by reference for grad_x
+        lead, k = indices.shape[:-1], indices.shape[-1]
+        flat_idx, flat_x = indices.reshape(-1, k), x.reshape(-1, x.shape[-1])  # (M, K), (M, D)
+        out = row_dots(table.detach(), flat_idx, flat_x).view(*lead, k)  # (..., K)
+        ctx.save_for_backward(flat_idx, flat_x)
+        ctx.table, ctx.sparse, ctx.x_shape = table, sparse, x.shape  # the table: a parameter, kept by reference
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        indices, x = ctx.saved_tensors
+        flat_idx, flat_x = ctx.saved_tensors
+        table = ctx.table.detach()
+        g = grad.reshape(flat_idx.shape).to(table.dtype)  # (M, K)
         grad_table = grad_x = None
-        if ctx.needs_input_grad[2]:
-            # d out / d x = sum_k grad_k table[idx_k]: exactly the shared weighted lookup
-            grad_x = value_lookup(ctx.table.detach(), indices, grad).to(x.dtype)  # (..., D)
-        if ctx.needs_input_grad[0]:
-            d = ctx.table_shape[-1]
-            contrib = (grad.unsqueeze(-1) * x.unsqueeze(-2).to(grad.dtype)).reshape(-1, d)  # (M*K, D)
-            flat = indices.reshape(-1)  # (M*K,)
-            if ctx.sparse:
-                grad_table = torch.sparse_coo_tensor(
-                    flat.unsqueeze(0), contrib.to(ctx.table_dtype), ctx.table_shape, check_invariants=False
-                ).coalesce()
-            else:
-                grad_table = torch.zeros(ctx.table_shape, dtype=ctx.table_dtype, device=contrib.device)
-                grad_table.index_add_(0, flat, contrib.to(ctx.table_dtype))
+        if ctx.needs_input_grad[2]:  # d out / d x = sum_k grad_k table[idx_k]: exactly the shared weighted lookup
+            grad_x = value_lookup(table, flat_idx, g).to(flat_x.dtype).view(ctx.x_shape)  # (..., D)
+        if ctx.needs_input_grad[0]:  # row idx_k gets grad_k x: a lookup's table gradient with x as the output grad
+            grad_table = table_grad(flat_idx, g, flat_x.to(table.dtype), table.shape, ctx.sparse)
         return grad_table, None, grad_x, None
 
 

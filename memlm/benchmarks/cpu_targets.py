@@ -90,7 +90,7 @@ def _memlm_layers(dim: int, n_keys: int, heads: int, knn: int) -> dict[str, torc
            "memlm memory_plus (sparse grad)": make("memory_plus", True)}  # fmt: skip
     if n_keys == 256:
         out["memlm peer (sparse grad)"] = make("peer", True, k=16)
-        out["memlm ultramem (sparse grad)"] = make("ultramem", True)
+        out["memlm ultramem (dense grad)"] = make("ultramem", False)  # cores > 1 reads the table in core slices
     return out
 
 

@@ -117,6 +117,20 @@ def _adam_gathered_(param, rows, grad_rows, exp_avg, exp_avg_sq, step, lr, betas
     g = grad_rows.to(torch.float32)  # (U, ...)
     m = exp_avg.index_select(0, rows)  # (U, ...)
     v = exp_avg_sq.index_select(0, rows)  # (U, ...)
+    if fused and param.dtype == torch.float32 and param.device.type == "cpu":
+        # fp32 on CPU: the fused step on a zero "parameter" yields the update itself, added to the rows in place.
+        # That skips gathering the parameter, and index_add_ outpaces index_copy_ on CPU. (Not for bf16: adding a
+        # rounded update to a bf16 row would round twice and drop updates below its ulp.)
+        delta = torch.zeros_like(g)  # (U, ...)
+        t = torch.full((), float(step), device=g.device)
+        torch._fused_adam_(
+            [delta], [g], [m], [v], [], [t], lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
+            amsgrad=False, maximize=False,
+        )  # fmt: skip
+        param.index_add_(0, rows, delta)
+        exp_avg.index_copy_(0, rows, m)
+        exp_avg_sq.index_copy_(0, rows, v)
+        return
     p = param.index_select(0, rows).to(torch.float32)  # (U, ...) a copy even for fp32 params
     if fused:  # torch's fused Adam (CPU / CUDA): one pass over the gathered rows instead of ~9 elementwise ops
         t = torch.full((), float(step), device=p.device)  # a fill, not a host copy (which would sync a GPU)

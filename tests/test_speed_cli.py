@@ -34,3 +34,23 @@ def test_speed_quick_cpu_writes_every_section(tmp_path):
     assert [r["impl"] for r in f] == ["dense fused Adam"] + [f"row-sparse {i}" for i in ("reference", "torch")] * 2
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in f)
     assert "(d) product-key retrieval" in res.stdout
+
+
+def test_speed_cpu_targets_section_and_report(tmp_path):
+    """Section g (the CPU targets at 1 and 2 threads; the PyPI peers only if installed) and its markdown report."""
+    out = tmp_path / "g.json"
+    cmd = [sys.executable, "eval/speed.py", "--device", "cpu", "--quick", "--sections", "g", "--iters", "1",
+           "--out", str(out)]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    g = json.loads(out.read_text())["sections"]["g"]
+    assert {r["threads"] for part in g.values() for r in part} == {1, 2}
+    memlm_layers = [r for r in g["layers"] if r["layer"].startswith("memlm")]
+    assert memlm_layers and all(r["ms"] > 0 for r in g["layers"])
+    assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 and r["rows_touched"] > 0 for r in g["optimizer"])
+    dense = [r for r in g["training"] if r["model"].startswith("dense")]
+    assert len(dense) == 2 and all(r["vs_dense"] == 1.0 for r in dense)
+    from memlm.benchmarks.targets_report import tables
+
+    md = tables([out], [out, out])
+    assert "1 run(s) before, 2 after" in md and "**optimizer**" in md and "**training**" in md

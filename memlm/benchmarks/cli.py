@@ -13,11 +13,15 @@ Sections (``--sections a,b,c,d,e,f``):
      vs. a dense 4x FFN: time and peak memory ratios.
   f  the value table's optimizer step (``--model_config``'s table): dense fused Adam vs. the row-sparse Adam
      implementations (op by op, torch fused, Triton one-pass) vs. the bandwidth floor of the touched rows.
+  g  (CPU, opt-in: not in the default list) the CPU targets at 1 and 2 threads: memlm's layers vs the PyPI PKM / PEER /
+     UltraMem packages (``pip install -e ".[peers]"``; timed alone without them), the value-table optimizer step vs
+     dense fused Adam, tiny-model training tokens/s at 262k slots vs the equal-FLOP dense twin.
 
 Usage:
     python eval/speed.py --out runs/speed.json                            # all sections, GPU reference sizes
     python eval/speed.py --sections b,c --out runs/speed.json
     python eval/speed.py --device cpu --quick                             # tiny CPU smoke run (< 1 min)
+    python eval/speed.py --device cpu --sections g --out runs/g.json      # the CPU targets (~3 min, 2 cores)
 
 Each section is a function ``(args, device, bandwidth) -> dict`` in ``memlm.benchmarks`` (registered in
 ``memlm.benchmarks.SECTIONS``); it prints its own table and returns JSON-able rows.
@@ -55,7 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
         description="Speed benchmarks of the memory layers: one table per section (a-f), optionally JSON.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--sections", default="a,b,c,d,e,f", help="comma-separated subset of " + ",".join(SECTIONS))
+    p.add_argument(
+        "--sections",
+        default="a,b,c,d,e,f",
+        help="comma-separated subset of " + ",".join(SECTIONS) + " (g: CPU targets, opt-in)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")

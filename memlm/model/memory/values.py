@@ -62,7 +62,10 @@ def shard_of(table: torch.Tensor):
     return spec
 
 
-_CHUNK_ELEMS = 2**22  # elements of the transient (tokens, K, D) row gather of the chunked row_dots fallback
+# elements of the transient (tokens, K, D) row gather of the chunked row_dots fallback: cache-sized on CPU; on a GPU
+# large enough that the chunk loop does not become a launch-bound loop of small kernels
+_CHUNK_ELEMS = 2**22
+_CHUNK_ELEMS_CUDA = 2**27
 
 
 def row_dots(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +88,7 @@ def row_dots(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> tor
         vals = torch.sparse.sampled_addmm(pattern, x, table.t(), beta=0.0).values().view(m, k)  # sorted order
         return torch.empty_like(vals).scatter_(1, order, vals)
     out = x.new_empty(m, k)
-    step = max(1, _CHUNK_ELEMS // max(1, k * table.shape[1]))
+    step = max(1, (_CHUNK_ELEMS_CUDA if table.is_cuda else _CHUNK_ELEMS) // max(1, k * table.shape[1]))
     for a in range(0, m, step):
         rows = F.embedding(indices[a : a + step], table)  # (chunk, K, D)
         out[a : a + step] = torch.einsum("mkd,md->mk", rows, x[a : a + step])
@@ -132,18 +135,40 @@ class _WeightedLookup(torch.autograd.Function):
         return grad_table, None, grad_w, None
 
 
+class _TableGradOnly(torch.autograd.Function):
+    """Identity on a lookup's output whose backward adds the table's gradient (:func:`table_grad`); the weights'
+    gradient stays with ``F.embedding_bag`` (CUDA without Triton: its native kernel, not the chunked row dots)."""
+
+    @staticmethod
+    def forward(ctx, out, table, indices, weights, sparse: bool):  # noqa: D102
+        ctx.save_for_backward(indices, weights)
+        ctx.table_shape, ctx.sparse = table.shape, sparse
+        return out.view_as(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        indices, weights = ctx.saved_tensors
+        return grad_out, table_grad(indices, weights, grad_out, ctx.table_shape, ctx.sparse), None, None, None
+
+
 def value_lookup_segmented(
     table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse: bool = False
 ) -> torch.Tensor:
-    """:func:`value_lookup_reference` with both gradients computed the cheap way (the PyTorch fast path,
-    :class:`_WeightedLookup`). Same values and gradients as the reference."""
+    """:func:`value_lookup_reference` with the gradients computed the cheap way (the PyTorch fast path). Same values
+    and gradients as the reference. CPU: :class:`_WeightedLookup` (both gradients); CUDA: the table gradient per
+    touched row, the weights' gradient from ``F.embedding_bag`` (:class:`_TableGradOnly`)."""
     lead, k = indices.shape[:-1], indices.shape[-1]
     flat_idx = indices.reshape(-1, k)  # (M, K)
     flat_w = weights.reshape(-1, k).to(table.dtype)  # (M, K)
-    if torch.is_grad_enabled() and (table.requires_grad or flat_w.requires_grad):
+    if not (torch.is_grad_enabled() and (table.requires_grad or flat_w.requires_grad)):
+        out = F.embedding_bag(flat_idx, table, per_sample_weights=flat_w, mode="sum")  # (M, D)
+    elif not table.is_cuda:
         out = _WeightedLookup.apply(table, flat_idx, flat_w, sparse)
     else:
-        out = F.embedding_bag(flat_idx, table, per_sample_weights=flat_w, mode="sum")  # (M, D)
+        out = F.embedding_bag(flat_idx, table.detach(), per_sample_weights=flat_w, mode="sum")  # grad to weights
+        if table.requires_grad:
+            out = _TableGradOnly.apply(out, table, flat_idx, flat_w.detach(), sparse)
     return out.view(*lead, table.shape[-1])
 
 

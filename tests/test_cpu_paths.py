@@ -76,3 +76,23 @@ def test_lookup_gradient_reaches_the_optimizer_coalesced_as_built():
     untouched = torch.ones(40, dtype=torch.bool)
     untouched[idx.unique()] = False
     assert torch.equal(table.detach()[untouched], ref.detach()[untouched])
+
+
+def test_staircase_cache_made_under_inference_mode_still_trains():
+    """The staircase pairs are cached: built first under inference mode (a validation loop), they must still serve
+    a later forward whose backward saves them."""
+    from memlm.model.memory import product_keys
+
+    product_keys._staircase_tensors.cache_clear()
+    s1, s2 = torch.randn(3, 9), torch.randn(3, 9)
+    with torch.inference_mode():
+        product_topk(s1, s2, 4)
+    a, b = s1.clone().requires_grad_(), s2.clone().requires_grad_()
+    scores, _ = product_topk(a, b, 4)
+    scores.sum().backward()
+    assert float(a.grad.sum()) == 3 * 4  # each of a row's 4 selected slots adds one to one of its s1 entries
+
+
+def test_row_dot_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="leading shape"):
+        values.row_dot(torch.randn(5, 4), torch.zeros(2, 3, 2, dtype=torch.long), torch.randn(2, 1, 4))

@@ -389,7 +389,7 @@ def _full_model(module, trainer):
             return None
         model = MemLM(module.model.cfg)
         model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-        return model
+        return model.to(module.device)  # the fact probe runs where training ran; the export copies to CPU itself
     return module.model
 
 

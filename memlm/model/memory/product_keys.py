@@ -48,7 +48,8 @@ def staircase_pairs(knn: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 @functools.cache
 def _staircase_tensors(knn: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = _staircase(knn)
-    return torch.tensor(a, device=device), torch.tensor(b, device=device)
+    with torch.inference_mode(False):  # cached: an inference tensor (first call under a val loop) could not be saved
+        return torch.tensor(a, device=device), torch.tensor(b, device=device)  # for a later backward
 
 
 def product_topk(
@@ -127,8 +128,9 @@ class _SearchWithSparseGrad(torch.autograd.Function):
 
     Forward: the dense scores and :func:`product_topk`, as without autograd. Backward: score (i, j) = <q1, K1[i]> +
     <q2, K2[j]>, so grad_q1 = sum_k g_k K1[i_k] (an embedding bag over the knn selected sub-keys) and grad_K1[i] =
-    sum of g_k q1 over the selected (query, k) with sub-key i (a sparse-dense matmul). Same gradient as autograd through
-    the dense search, without its (..., 2, n_keys) score gradient and backward matmuls against every sub-key.
+    sum of g_k q1 over the selected (query, k) with sub-key i (a lookup's table gradient, :func:`table_grad`). Same
+    gradient as autograd through the dense search, without its (..., 2, n_keys) score gradient and backward matmuls
+    against every sub-key.
     """
 
     @staticmethod

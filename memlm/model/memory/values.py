@@ -65,7 +65,7 @@ def shard_of(table: torch.Tensor):
 # elements of the transient (tokens, K, D) row gather of the chunked row_dots fallback: cache-sized on CPU; on a GPU
 # large enough that the chunk loop does not become a launch-bound loop of small kernels
 _CHUNK_ELEMS = 2**22
-_CHUNK_ELEMS_CUDA = 2**27
+_CHUNK_ELEMS_CUDA = 2**25  # 128 MB of fp32 rows per chunk
 
 
 def row_dots(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,8 @@ def row_dots(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> tor
     m, k = indices.shape
     x = x.to(table.dtype)
     if not table.is_cuda and table.dtype in (torch.float32, torch.float64) and m * k:
-        cols, order = indices.sort(dim=1)  # (M, K): CSR wants each row's columns in order (duplicates are fine)
+        cols, order = indices.sort(dim=1)  # (M, K): CSR's row-sorted column order (the CPU kernel computes each
+        # entry on its own, so duplicate columns are fine, though torch's invariant check would call them invalid)
         crow = torch.arange(0, m * k + 1, k, device=indices.device)  # (M + 1,) every row holds K entries
         with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice, on every run otherwise
             warnings.simplefilter("ignore", UserWarning)
@@ -203,6 +204,8 @@ class _RowDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, sparse: bool) -> torch.Tensor:
         lead, k = indices.shape[:-1], indices.shape[-1]
+        if x.shape[:-1] != lead:
+            raise ValueError(f"row_dot: x {tuple(x.shape)} must have the indices' leading shape {tuple(lead)} + (D,)")
         flat_idx, flat_x = indices.reshape(-1, k), x.reshape(-1, x.shape[-1])  # (M, K), (M, D)
         out = row_dots(table.detach(), flat_idx, flat_x).view(*lead, k)  # (..., K)
         ctx.save_for_backward(flat_idx, flat_x)

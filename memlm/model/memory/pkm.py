@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memlm.config import MemoryConfig
+from memlm.model.memory import cpu_kernels
 from memlm.model.memory.base import MemoryLayer
 from memlm.model.memory.product_keys import ProductKeys, normalize_scores
 from memlm.model.memory.values import ValueTable
@@ -44,6 +45,9 @@ class QueryNet(nn.Module):
             q = self.norm(q.reshape(-1, q.shape[-1])).view_as(q)  # statistics over all B*T tokens
             return q.unflatten(-1, (self.heads, self.k_dim))
         q = q.unflatten(-1, (self.heads, self.k_dim))  # (..., heads, k_dim)
+        if self.norm_kind == "rmsnorm" and cpu_kernels.available(q, self.norm.weight) and q.dtype == self.norm.weight.dtype:
+            eps = self.norm.eps if self.norm.eps is not None else torch.finfo(q.dtype).eps  # nn.RMSNorm's default
+            return cpu_kernels.rms_norm(q, self.norm.weight, eps)  # one pass each way on CPU (numba)
         if self.norm_kind == "rmsnorm" and q.dtype != self.norm.weight.dtype:
             # under autocast: gain in the activations' dtype, so PyTorch's fused kernel runs instead of ~6 unfused ops
             return F.rms_norm(q, (self.k_dim,), self.norm.weight.to(q.dtype), self.norm.eps)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memlm.model.memory import cpu_kernels
 from memlm.model.memory.values import table_grad
 
 
@@ -118,15 +119,19 @@ def _dense_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...hsd,hsnd->...hsn", q, keys)
 
 
-def _rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / rms(x) over the last dim, no gain (one fused kernel where PyTorch has one)."""
-    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+def _rms(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0) -> torch.Tensor:
+    """x / rms(x) * scale over the last dim, no gain (the numba kernels on CPU; else PyTorch's rms_norm)."""
+    if cpu_kernels.available(x):
+        return cpu_kernels.rms_norm(x, None, eps, scale)
+    y = F.rms_norm(x, (x.shape[-1],), eps=eps)
+    return y if scale == 1.0 else y * scale
 
 
 class _SearchWithSparseGrad(torch.autograd.Function):
     """Product-key search whose backward touches only the selected sub-keys.
 
-    Forward: the dense scores and :func:`product_topk`, as without autograd. Backward: score (i, j) = <q1, K1[i]> +
+    Forward: the dense scores and :func:`product_topk`, as without autograd (on CPU the numba selection,
+    :func:`memlm.model.memory.cpu_kernels.product_topk`, when available). Backward: score (i, j) = <q1, K1[i]> +
     <q2, K2[j]>, so grad_q1 = sum_k g_k K1[i_k] (an embedding bag over the knn selected sub-keys) and grad_K1[i] =
     sum of g_k q1 over the selected (query, k) with sub-key i (a lookup's table gradient, :func:`table_grad`). Same
     gradient as autograd through the dense search, without its (..., 2, n_keys) score gradient and backward matmuls
@@ -135,8 +140,10 @@ class _SearchWithSparseGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, keys, knn: int):  # noqa: D102
-        s = _dense_scores(q, keys)  # (..., heads, 2, n_keys)
-        scores, idx = product_topk_halves(s, knn)  # (..., heads, knn)
+        if cpu_kernels.available(q, keys):  # scores and the selection in one pass per (query, head) (numba)
+            scores, idx = cpu_kernels.product_topk(q, keys, knn)  # (..., heads, knn)
+        else:
+            scores, idx = product_topk_halves(_dense_scores(q, keys), knn)  # (..., heads, knn)
         ctx.save_for_backward(q, keys, idx)
         ctx.mark_non_differentiable(idx)
         return scores, idx
@@ -193,7 +200,7 @@ class ProductKeys(nn.Module):
             q = q.float()
         keys = self.weight.float()  # (heads, 2, n_keys, half)
         if self.qk_norm:  # the 1/sqrt(half) scale goes on the (small) query, not on the (large) scores
-            q, keys = _rms(q) / math.sqrt(self.half), _rms(keys)
+            q, keys = _rms(q, scale=1 / math.sqrt(self.half)), _rms(keys)
         return q, keys
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 PKM (Lample et al. 2019) trains its values with sparse Adam; sparse memory finetuning (Lin et al. 2025) updates only
 the top-t value rows of a batch. Both need a step that touches ONLY the given rows: every other row of the parameter
 and of its optimizer state stays bitwise unchanged, so step time and memory traffic scale with the touched rows, not
-with the table. On CUDA the Adam step is one fused Triton pass (``kernels.adam_rows``: gather, update, scatter);
-elsewhere index_select + torch's fused Adam on the gathered rows + index_copy_ (fp32 on CPU: the moments gathered,
+with the table. On CUDA the Adam step is one fused Triton pass (``kernels.adam_rows``: gather, update, scatter); on
+CPU (fp32) one numba pass over the touched rows in place (``cpu_kernels.adam_rows_``); elsewhere index_select + torch's fused Adam on the gathered rows + index_copy_ (fp32 on CPU: the moments gathered,
 the update computed on a zero buffer and index_add_-ed to the parameter rows, which are never gathered).
 
 - :func:`adam_rows_` / :func:`sgd_rows_`: functional steps on explicit ``(rows, grad_rows)``.
@@ -21,6 +21,8 @@ import math
 
 import torch
 from torch.optim.adamw import adamw as adamw_functional
+
+from memlm.model.memory import cpu_kernels
 
 
 def _check_rows(param: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
@@ -75,7 +77,7 @@ def adam_rows_(
             per-row counts (bias correction per row).
         impl: "triton" (one fused gather-update-scatter pass; CUDA), "torch" (gather, torch's fused Adam kernel on
             the gathered rows, scatter; global step only, else as "reference"), "reference" (the formula op by op),
-            "auto" (triton where it runs, else torch).
+            "auto" (triton where it runs; on CPU fp32 the numba pass of ``cpu_kernels.adam_rows_``; else torch).
     Same formula as ``torch.optim.Adam`` (no weight decay, no amsgrad) restricted to the rows.
     """
     _check_rows(param, rows, grad_rows)
@@ -100,6 +102,12 @@ def adam_rows_(
             raise RuntimeError(
                 "adam_rows_(impl='triton') needs Triton, a contiguous float CUDA parameter and contiguous fp32 states"
             )
+    if impl == "auto" and cpu_kernels.available(param, grad_rows) and param.dtype == torch.float32 and all(
+        s.is_contiguous() and s.dtype == torch.float32 for s in (param, exp_avg, exp_avg_sq)
+    ):  # fp32 on CPU: one pass over the touched rows in place (numba), global or per-row steps
+        step_size, bc2_sqrt = _bias_corrections(step, lr, beta1, beta2)
+        cpu_kernels.adam_rows_(param, rows, grad_rows, exp_avg, exp_avg_sq, step_size, bc2_sqrt, beta1, beta2, eps)
+        return
     fused = impl != "reference" and not isinstance(step, torch.Tensor)
     # CPU: chunks of ~4 MB per gathered tensor stay in cache and reuse the allocator's blocks (fresh (U, D)
     # temporaries of a large step cost more in page faults than the update itself); one chunk elsewhere

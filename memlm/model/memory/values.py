@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memlm.model.memory import cpu_kernels
+
 
 def value_lookup_reference(
     table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse: bool = False
@@ -42,6 +44,9 @@ def table_grad_rows(indices: torch.Tensor, weights: torch.Tensor, grad_out: torc
     ``indices``, ``weights`` (M, K), ``grad_out`` (M, D): row u gets ``sum w[m, k] * grad_out[m]`` over the (m, k)
     with ``indices[m, k] == u``. Sort the (row, bag) pairs by row and sum each row's segment with one embedding bag.
     """
+    if cpu_kernels.available(grad_out, indices):  # one pass per touched row (numba)
+        uniq, grad_rows, _ = cpu_kernels.lookup_backward(None, indices, weights, grad_out, True, False)
+        return uniq, grad_rows
     k = indices.shape[1]
     rows, perm = torch.sort(indices.reshape(-1), stable=True)  # (L,): each row's occurrences, in order
     uniq, counts = torch.unique_consecutive(rows, return_counts=True)  # (U,), (U,)
@@ -78,6 +83,8 @@ def row_dots(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> tor
     """
     m, k = indices.shape
     x = x.to(table.dtype)
+    if cpu_kernels.available(table, x, indices) and m * k:
+        return cpu_kernels.row_dots(table, indices, x)
     if not table.is_cuda and table.dtype in (torch.float32, torch.float64) and m * k:
         cols, order = indices.sort(dim=1)  # (M, K): CSR's row-sorted column order (the CPU kernel computes each
         # entry on its own, so duplicate columns are fine, though torch's invariant check would call them invalid)
@@ -103,6 +110,11 @@ def table_grad(indices: torch.Tensor, weights: torch.Tensor, grad_out: torch.Ten
     uniq, grad_rows = table_grad_rows(indices, weights, grad_out)  # (U,), (U, D)
     if scale is not None:
         grad_rows = grad_rows * scale
+    return _rows_to_grad(uniq, grad_rows, shape, sparse)
+
+
+def _rows_to_grad(uniq: torch.Tensor, grad_rows: torch.Tensor, shape, sparse: bool) -> torch.Tensor:
+    """(sorted unique rows (U,), their gradient rows (U, D)) -> the (``shape``) table gradient, sparse or dense."""
     if sparse:
         return torch.sparse_coo_tensor(uniq.unsqueeze(0), grad_rows, shape, is_coalesced=True, check_invariants=False)
     return grad_rows.new_zeros(shape).index_copy_(0, uniq, grad_rows)
@@ -129,6 +141,12 @@ class _WeightedLookup(torch.autograd.Function):
         indices, weights = ctx.saved_tensors  # (M, K), (M, K) in the table's dtype
         table = ctx.table.detach()
         grad_table = grad_w = None
+        want_table, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if cpu_kernels.available(table, grad_out, indices) and (want_table or want_w):  # both in one pass (numba)
+            uniq, grad_rows, grad_w = cpu_kernels.lookup_backward(table, indices, weights, grad_out, want_table, want_w)
+            if want_table:
+                grad_table = _rows_to_grad(uniq, grad_rows, table.shape, ctx.sparse)
+            return grad_table, None, grad_w, None
         if ctx.needs_input_grad[0]:
             grad_table = table_grad(indices, weights, grad_out, table.shape, ctx.sparse)
         if ctx.needs_input_grad[2]:

@@ -55,14 +55,18 @@ def test_product_topk_is_exact_on_rows_that_are_not_gaussian(make):
     assert torch.equal(sums, scores)
 
 
-def test_product_topk_from_queries_matches_the_torch_search(monkeypatch):
-    g = torch.Generator().manual_seed(1)
-    q, keys = torch.randn(4, 6, 3, 2, 16, generator=g), torch.randn(3, 2, 32, 16, generator=g)
+@pytest.mark.parametrize("half", [16, cpu_kernels.SCORING_MAX_HALF, cpu_kernels.SCORING_MAX_HALF + 8])
+def test_product_topk_from_queries_matches_the_torch_search(half):
+    """Both ways of scoring: inside the kernel (small half widths) and by a batched matmul."""
+    g = torch.Generator().manual_seed(half)
+    q, keys = torch.randn(4, 6, 3, 2, half, generator=g), torch.randn(3, 2, 32, half, generator=g)
     scores, ids = cpu_kernels.product_topk(q, keys, 8)
     assert scores.shape == ids.shape == (4, 6, 3, 8)
     s = torch.einsum("...hsd,hsnd->...hsn", q, keys)  # (4, 6, 3, 2, 32)
     want = all_pair_scores(s[..., 0, :], s[..., 1, :]).topk(8, dim=-1).values
-    torch.testing.assert_close(scores, want)  # matmul layouts may round differently: close, not equal
+    torch.testing.assert_close(scores, want)  # the dots' summation order differs: close, not equal
+    got = s[..., 0, :].gather(-1, ids // 32) + s[..., 1, :].gather(-1, ids % 32)
+    torch.testing.assert_close(got, scores)  # each id is the slot its score belongs to
     with pytest.raises(ValueError, match="exceeds"):
         cpu_kernels.product_topk(q, keys, 33)
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,7 +52,11 @@ def test_speed_cpu_targets_section_and_report(tmp_path):
     assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 and r["rows_touched"] > 0 for r in g["optimizer"])
     dense = [r for r in g["training"] if r["model"].startswith("dense")]
     assert len(dense) == 2 and all(r["vs_dense"] == 1.0 for r in dense)
-    from memlm.benchmarks.targets_report import tables
+    from memlm.benchmarks.targets_report import labelled_tables, main, tables
 
     md = tables([out], [out, out])
-    assert "1 run(s) before, 2 after" in md and "**optimizer**" in md and "**training**" in md
+    assert "1 run(s) before, 2 run(s) after" in md and "**optimizer**" in md and "**training**" in md
+    three = labelled_tables({"v1": [out], "v2": [out], "v3": [out, out]})
+    assert "| v2 | v3 |" in three and "2 run(s) v3" in three
+    with pytest.raises(SystemExit):  # no runs given
+        main([])

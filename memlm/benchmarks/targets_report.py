@@ -1,7 +1,8 @@
 """Markdown tables of ``eval/speed.py --sections g`` runs: the median ratio over runs and its range, per case and
-thread count, with a "before" set of runs beside an "after" set.
+thread count, one column per set of runs ("before" beside "after", or any labelled sets in order).
 
     python -m memlm.benchmarks.targets_report --before a.json b.json --after c.json d.json > targets_tables.md
+    python -m memlm.benchmarks.targets_report --set v1 a.json b.json --set v2 c.json --set v3 d.json
 
 Each JSON is one run of speed.py; every ratio in it was measured within that run (cases interleaved), so the spread
 over runs shows how much the machine's load moved the ratios.
@@ -40,19 +41,28 @@ def _cell(v: list[float]) -> str:
 
 
 def tables(before: list[Path], after: list[Path]) -> str:
-    b, a = _ratios(before), _ratios(after)
+    """Two sets of runs: "before" and "after"."""
+    return labelled_tables({"before": before, "after": after})
+
+
+def labelled_tables(sets: dict[str, list[Path]]) -> str:
+    """One column per labelled set of runs, in order."""
+    ratios = {label: _ratios(paths) for label, paths in sets.items()}
     heads = {"layers": ("slots", "layer", "threads"), "optimizer": ("batch", "rows touched", "threads"),
              "training": ("model", "threads")}  # fmt: skip
     what = {"layers": "x PyPI layer (target <= 0.7 for pkm / memory_plus)",
             "optimizer": "row-sparse step x dense fused Adam (target <= 1)",
             "training": "tokens/s x dense twin (target >= 0.9)"}  # fmt: skip
-    lines = [f"Median over runs (range); {len(before)} run(s) before, {len(after)} after.", ""]
+    counts = ", ".join(f"{len(paths)} run(s) {label}" for label, paths in sets.items())
+    lines = [f"Median over runs (range); {counts}.", ""]
+    labels = list(sets)
     for part in ("layers", "optimizer", "training"):
-        cols = [*heads[part], f"before: {what[part]}", "after"]
+        cols = [*heads[part], f"{labels[0]}: {what[part]}", *labels[1:]]
         lines += [f"**{part}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for key in dict.fromkeys([*a[part], *b[part]]):
-            lines.append("| " + " | ".join(str(k) for k in key) + f" | {_cell(b[part].get(key, []))} | "
-                         f"{_cell(a[part].get(key, []))} |")  # fmt: skip
+        keys = dict.fromkeys(k for label in reversed(labels) for k in ratios[label][part])
+        for key in keys:
+            cells = [_cell(ratios[label][part].get(key, [])) for label in labels]
+            lines.append("| " + " | ".join([*(str(k) for k in key), *cells]) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -60,9 +70,18 @@ def tables(before: list[Path], after: list[Path]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m memlm.benchmarks.targets_report", description=__doc__.split("\n")[0])
     p.add_argument("--before", type=Path, nargs="*", default=[], help="speed.py --sections g JSONs before a change")
-    p.add_argument("--after", type=Path, nargs="+", required=True, help="... and after it")
+    p.add_argument("--after", type=Path, nargs="*", default=[], help="... and after it")
+    p.add_argument("--set", nargs="+", action="append", default=[], metavar=("LABEL", "JSON"),
+                   help="a labelled set of runs (repeatable; columns in the order given, after --before/--after)")
     args = p.parse_args(argv)
-    print(tables(args.before, args.after))
+    sets = {k: v for k, v in (("before", args.before), ("after", args.after)) if v}
+    for label, *paths in args.set:
+        if not paths:
+            p.error(f"--set {label}: give the label, then at least one JSON")
+        sets[label] = [Path(x) for x in paths]
+    if not sets:
+        p.error("give runs: --after JSON... (with --before JSON...) or --set LABEL JSON...")
+    print(labelled_tables(sets))
 
 
 if __name__ == "__main__":

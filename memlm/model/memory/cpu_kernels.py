@@ -17,7 +17,8 @@ passes, not the arithmetic, are the cost. Each kernel here is one pass, parallel
 ``available()`` is False when numba is missing or ``MEMLM_CPU_KERNELS=0``; every caller then keeps its PyTorch path
 (the two are checked against each other in tests/test_cpu_kernels.py). Kernels compile on first use (cached on disk
 by numba) and run on ``torch.get_num_threads()`` threads. Ties: the top-k keeps the lower index first among equal
-scores; NaN scores are never selected (``torch.topk`` ranks NaN highest).
+scores. A row with NaN scores gets valid but arbitrary slots (``torch.topk`` ranks NaN highest); the NaN reaches the
+layer's output either way.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ except ImportError:  # pragma: no cover - exercised where numba is not installed
     numba = None
 
 FLOATS = (torch.float32, torch.float64)
+# query half widths up to which product_topk computes the scores inside its kernel instead of a batched matmul
+# (BLAS reaches ~1/3 of its peak at inner width 32 on CPU, and writing the score tensor costs more than the dots)
+SCORING_MAX_HALF = 32
 
 
 def available(*tensors: torch.Tensor) -> bool:
@@ -173,6 +177,37 @@ if numba is not None:
                 _row_topk(s[h, 1, m], knn, z, v2, i2, buf_v, buf_i)
                 _top_sums(v1, i1, v2, i2, knn, n, out_scores[m, h], out_ids[m, h], hv, ha, hb)
 
+    @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+    def _product_topk_scoring_kernel(q, keys_t, knn, z, out_scores, out_ids):
+        """:func:`_product_topk_kernel` that also computes the half scores: q (M, H, 2, half), keys_t (H, 2, half, n)
+        (sub-keys transposed, so a score row is ``half`` vectorized axpys over n). For small ``half``, where a BLAS
+        matmul runs far below its peak and the (H, 2, M, n) score tensor costs more to write than to compute."""
+        m_count, h_count, _, half = q.shape
+        n = keys_t.shape[3]
+        tasks = m_count * h_count
+        chunk = 64
+        for c0 in prange((tasks + chunk - 1) // chunk):
+            v1, v2 = np.empty(knn, q.dtype), np.empty(knn, q.dtype)
+            i1, i2 = np.empty(knn, np.int64), np.empty(knn, np.int64)
+            row = np.empty(n, q.dtype)
+            buf_v, buf_i = np.empty(n, q.dtype), np.empty(n, np.int64)
+            hv, ha, hb = np.empty(knn + 1, q.dtype), np.empty(knn + 1, np.int64), np.empty(knn + 1, np.int64)
+            for task in range(c0 * chunk, min(tasks, (c0 + 1) * chunk)):
+                m, h = task // h_count, task % h_count
+                for side in range(2):
+                    qs, kt = q[m, h, side], keys_t[h, side]
+                    for j in range(n):
+                        row[j] = qs[0] * kt[0, j]
+                    for d in range(1, half):
+                        qd = qs[d]
+                        for j in range(n):
+                            row[j] += qd * kt[d, j]
+                    if side == 0:
+                        _row_topk(row, knn, z, v1, i1, buf_v, buf_i)
+                    else:
+                        _row_topk(row, knn, z, v2, i2, buf_v, buf_i)
+                _top_sums(v1, i1, v2, i2, knn, n, out_scores[m, h], out_ids[m, h], hv, ha, hb)
+
     # dots: reassociation lets LLVM vectorize the reduction (the sum's order differs from a sequential one by rounding)
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
     def _lookup_backward_kernel(table, grad_out, bags, occ_w, starts, uniq, grad_rows, occ_dots, want_rows, want_dots):
@@ -293,10 +328,23 @@ def _threshold_z(n: int, knn: int) -> float:
 
 def product_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Query halves (..., H, 2, half) x sub-keys (H, 2, n_keys, half) -> the exact top-``knn`` slot scores and ids
-    (..., H, knn), scores descending (the same result as ``product_topk_halves`` of the dense scores, up to ties).
+    (..., H, knn), scores descending (the same result as ``product_topk_halves`` of the dense scores, up to ties
+    and the rounding of the score dot products).
 
-    The dense scores are one batched matmul laid out (H, 2, M, n_keys), so each half's row is contiguous."""
+    The dense scores are one batched matmul laid out (H, 2, M, n_keys), so each half's row is contiguous; for
+    ``half <= SCORING_MAX_HALF`` the kernel computes each score row itself."""
     lead, h, half = q.shape[:-3], q.shape[-3], q.shape[-1]
+    n = keys.shape[2]
+    if half <= SCORING_MAX_HALF:  # scores computed inside the kernel (small inner width)
+        if knn > n:
+            raise ValueError(f"knn = {knn} exceeds the {n} sub-keys per half")
+        q4 = q.detach().reshape(-1, h, 2, half).contiguous()
+        scores = q4.new_empty(q4.shape[0], h, knn)
+        ids = torch.empty(q4.shape[0], h, knn, dtype=torch.int64)
+        keys_t = keys.detach().to(q4.dtype).transpose(-1, -2).contiguous()  # (H, 2, half, n)
+        _threads()
+        _product_topk_scoring_kernel(q4.numpy(), keys_t.numpy(), knn, _threshold_z(n, knn), scores.numpy(), ids.numpy())
+        return scores.view(*lead, h, knn), ids.view(*lead, h, knn)
     qf = q.reshape(-1, h, 2, half).permute(1, 2, 0, 3)  # (H, 2, M, half)
     s = torch.matmul(qf, keys.transpose(-1, -2))  # (H, 2, M, n) contiguous
     scores, ids = topk_of_half_scores(s, knn)  # (M, H, knn)

@@ -193,7 +193,7 @@ if numba is not None:
             buf_v, buf_i = np.empty(n, q.dtype), np.empty(n, np.int64)
             hv, ha, hb = np.empty(knn + 1, q.dtype), np.empty(knn + 1, np.int64), np.empty(knn + 1, np.int64)
             for task in range(c0 * chunk, min(tasks, (c0 + 1) * chunk)):
-                m, h = task // h_count, task % h_count
+                h, m = task // m_count, task % m_count  # head-major: a head's sub-keys stay in cache
                 for side in range(2):
                     qs, kt = q[m, h, side], keys_t[h, side]
                     for j in range(n):

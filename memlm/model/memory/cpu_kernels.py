@@ -44,9 +44,10 @@ SCORING_MAX_HALF = 32
 
 
 def available(*tensors: torch.Tensor) -> bool:
-    """numba is importable, not switched off (``MEMLM_CPU_KERNELS=0``), and every tensor is a CPU float32/float64
-    tensor (integer index tensors may be given too: they only need to be on the CPU)."""
-    if numba is None or os.environ.get("MEMLM_CPU_KERNELS", "1") == "0":
+    """numba is importable, not switched off (``MEMLM_CPU_KERNELS=0``), not under torch.compile (which cannot trace
+    into numba, and fuses the PyTorch paths itself), and every tensor is a CPU float32/float64 tensor (integer index
+    tensors may be given too: they only need to be on the CPU)."""
+    if torch.compiler.is_compiling() or numba is None or os.environ.get("MEMLM_CPU_KERNELS", "1") == "0":
         return False
     for t in tensors:
         if t.device.type != "cpu" or (t.is_floating_point() and t.dtype not in FLOATS):
@@ -271,7 +272,6 @@ if numba is not None:
                 m[j] = mj
                 v[j] = vj
                 p[j] = p[j] - lr * (mj / (math.sqrt(vj) / bc + eps))
-
 
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
     def _rms_norm_fwd_kernel(x, gain, scale, eps, y, rinv):

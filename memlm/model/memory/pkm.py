@@ -45,9 +45,10 @@ class QueryNet(nn.Module):
             q = self.norm(q.reshape(-1, q.shape[-1])).view_as(q)  # statistics over all B*T tokens
             return q.unflatten(-1, (self.heads, self.k_dim))
         q = q.unflatten(-1, (self.heads, self.k_dim))  # (..., heads, k_dim)
-        if self.norm_kind == "rmsnorm" and cpu_kernels.available(q, self.norm.weight) and q.dtype == self.norm.weight.dtype:
+        gain = self.norm.weight if self.norm_kind == "rmsnorm" else None
+        if gain is not None and q.dtype == gain.dtype and cpu_kernels.available(q, gain):  # CPU: one pass each way
             eps = self.norm.eps if self.norm.eps is not None else torch.finfo(q.dtype).eps  # nn.RMSNorm's default
-            return cpu_kernels.rms_norm(q, self.norm.weight, eps)  # one pass each way on CPU (numba)
+            return cpu_kernels.rms_norm(q, gain, eps)
         if self.norm_kind == "rmsnorm" and q.dtype != self.norm.weight.dtype:
             # under autocast: gain in the activations' dtype, so PyTorch's fused kernel runs instead of ~6 unfused ops
             return F.rms_norm(q, (self.k_dim,), self.norm.weight.to(q.dtype), self.norm.eps)

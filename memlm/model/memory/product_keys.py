@@ -119,12 +119,12 @@ def _dense_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...hsd,hsnd->...hsn", q, keys)
 
 
-def _rms(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0) -> torch.Tensor:
-    """x / rms(x) * scale over the last dim, no gain (the numba kernels on CPU; else PyTorch's rms_norm)."""
+def _rms(x: torch.Tensor, eps: float = 1e-6, div: float = 1.0) -> torch.Tensor:
+    """x / rms(x) / div over the last dim, no gain (the numba kernels on CPU; else PyTorch's rms_norm)."""
     if cpu_kernels.available(x):
-        return cpu_kernels.rms_norm(x, None, eps, scale)
+        return cpu_kernels.rms_norm(x, None, eps, 1.0 / div)
     y = F.rms_norm(x, (x.shape[-1],), eps=eps)
-    return y if scale == 1.0 else y * scale
+    return y if div == 1.0 else y / div
 
 
 class _SearchWithSparseGrad(torch.autograd.Function):
@@ -200,7 +200,7 @@ class ProductKeys(nn.Module):
             q = q.float()
         keys = self.weight.float()  # (heads, 2, n_keys, half)
         if self.qk_norm:  # the 1/sqrt(half) scale goes on the (small) query, not on the (large) scores
-            q, keys = _rms(q, scale=1 / math.sqrt(self.half)), _rms(keys)
+            q, keys = _rms(q, div=math.sqrt(self.half)), _rms(keys)
         return q, keys
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:

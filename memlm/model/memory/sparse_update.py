@@ -4,8 +4,9 @@ PKM (Lample et al. 2019) trains its values with sparse Adam; sparse memory finet
 the top-t value rows of a batch. Both need a step that touches ONLY the given rows: every other row of the parameter
 and of its optimizer state stays bitwise unchanged, so step time and memory traffic scale with the touched rows, not
 with the table. On CUDA the Adam step is one fused Triton pass (``kernels.adam_rows``: gather, update, scatter); on
-CPU (fp32) one numba pass over the touched rows in place (``cpu_kernels.adam_rows_``); elsewhere index_select + torch's fused Adam on the gathered rows + index_copy_ (fp32 on CPU: the moments gathered,
-the update computed on a zero buffer and index_add_-ed to the parameter rows, which are never gathered).
+CPU (fp32) one numba pass over the touched rows in place (``cpu_kernels.adam_rows_``); elsewhere (or without numba)
+index_select + torch's fused Adam on the gathered rows + index_copy_ (fp32 on CPU: the moments gathered, the update
+computed on a zero buffer and index_add_-ed to the parameter rows, which are never gathered).
 
 - :func:`adam_rows_` / :func:`sgd_rows_`: functional steps on explicit ``(rows, grad_rows)``.
 - :class:`RowSparseAdam`: a ``torch.optim.Optimizer`` (param groups, lr schedulers, state_dict) that reads sparse COO

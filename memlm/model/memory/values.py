@@ -42,7 +42,8 @@ def table_grad_rows(indices: torch.Tensor, weights: torch.Tensor, grad_out: torc
     """The table gradient of a weighted lookup, per touched row: (sorted unique rows (U,), rows (U, D)).
 
     ``indices``, ``weights`` (M, K), ``grad_out`` (M, D): row u gets ``sum w[m, k] * grad_out[m]`` over the (m, k)
-    with ``indices[m, k] == u``. Sort the (row, bag) pairs by row and sum each row's segment with one embedding bag.
+    with ``indices[m, k] == u``. Sort the (row, bag) pairs by row and sum each row's segment with one embedding bag
+    (on CPU: :func:`memlm.model.memory.cpu_kernels.lookup_backward`, one numba pass per touched row).
     """
     if cpu_kernels.available(grad_out, indices):  # one pass per touched row (numba)
         uniq, grad_rows, _ = cpu_kernels.lookup_backward(None, indices, weights, grad_out, True, False)
@@ -79,7 +80,8 @@ def row_dots(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> tor
     The weights' gradient of a lookup (``x`` = the output gradient) and PEER's / UltraMemV2's row dots. For fp32 /
     fp64 on CPU this is one sampled dense-dense matmul (``torch.sparse.sampled_addmm``: ``x @ table.T`` at the
     (m, indices[m, k]) entries only), without the (M, K, D) gathered rows; ~2x faster on CPU than the weights'
-    gradient of ``F.embedding_bag`` and multi-threaded. Other dtypes / devices gather rows in chunks of tokens.
+    gradient of ``F.embedding_bag`` and multi-threaded. With numba on CPU:
+    :func:`memlm.model.memory.cpu_kernels.row_dots`. Other dtypes / devices gather rows in chunks of tokens.
     """
     m, k = indices.shape
     x = x.to(table.dtype)
@@ -126,7 +128,8 @@ class _WeightedLookup(torch.autograd.Function):
     Forward: ``F.embedding_bag`` on detached inputs (its forward-only kernel; nothing of it is kept). Backward: the
     table's gradient per touched row (:func:`table_grad_rows`: one more embedding bag over the rows' segments, no
     (M*K, D) intermediate, unlike ``F.embedding_bag``'s own backward) and the weights' gradient as row dots
-    (:func:`row_dots`, a sampled matmul on CPU, instead of ``F.embedding_bag``'s single-threaded kernel).
+    (:func:`row_dots`, a sampled matmul on CPU, instead of ``F.embedding_bag``'s single-threaded kernel). With numba
+    on CPU both come from one pass per touched row (:func:`memlm.model.memory.cpu_kernels.lookup_backward`).
     """
 
     @staticmethod

@@ -25,7 +25,9 @@ from test_train import assert_same_curve, run_train  # noqa: E402
 
 WORLD = 2
 T = 1800  # seconds per train.py run: generous, the CI box may be shared
-ATOL = 1e-6  # sharded vs one-process lookup, fp32: each column's sum is the same sum; dots split over ranks
+# sharded vs one-process lookup, fp32: each column's sum is the same sum; the dots are split over ranks and their
+# vectorized (reassociated) sums of ~8-sized terms round differently: a few ulps
+ATOL = 4e-6
 
 
 def _free_port() -> int:

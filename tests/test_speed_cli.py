@@ -19,6 +19,9 @@ def test_speed_quick_cpu_writes_every_section(tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     data = json.loads(out.read_text())
+    from memlm.model.memory import cpu_kernels
+
+    assert data["cpu_kernels"] == cpu_kernels.available()  # which CPU paths the numbers are of
     sec = data["sections"]
     assert sorted(sec) == ["a", "b", "c", "d", "e", "f"]
     assert all(v is None or v > 0 for e in sec["a"]["results"] for v in e["ms"].values())

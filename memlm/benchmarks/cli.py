@@ -124,6 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
         out["triton"] = triton.__version__
     except ImportError:
         out["triton"] = None
+    from memlm.model.memory import cpu_kernels
+
+    # which CPU paths ran: the numba kernels, or the PyTorch paths (numba missing or MEMLM_CPU_KERNELS=0)
+    out["cpu_kernels"] = cpu_kernels.available()
+    out["numba"] = cpu_kernels.numba.__version__ if cpu_kernels.numba is not None else None
+    print(f"CPU kernels (numba): {'on' if out['cpu_kernels'] else 'off'}")
     for s in sections:
         out["sections"][s] = SECTIONS[s](args, device, bandwidth)
     if args.out is not None:

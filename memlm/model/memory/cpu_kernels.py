@@ -3,26 +3,29 @@
 Stock PyTorch runs these steps as chains of mid-size ops, each a full pass over (tokens, heads, k) tensors; on CPU the
 passes, not the arithmetic, are the cost. Each kernel here is one pass, parallel over rows:
 
-- :func:`product_topk`: the exact product-key top-k from the two halves' dense scores: each half's top-k by insertion
-  (a row of n_keys scores is read once; only the few scores above the running k-th best are inserted), then the
-  top-k of the (a + 1)(b + 1) <= k "staircase" rank pairs, written as slot ids. Replaces ``torch.topk`` on both halves,
-  the candidate sums and a second ``torch.topk``.
-- :func:`lookup_backward`: both gradients of a weighted lookup from one pass over each touched row's occurrences:
-  the row's value is read once for the weights' dots, its gradient summed in registers. Replaces an embedding bag
-  over the segments plus a sampled matmul.
+- :func:`product_topk`: the exact product-key top-k from the two halves' dense scores: each half's top-k (a
+  threshold pass keeps a few more than k candidates, which are insertion-sorted), then the top-k pair sums, in order,
+  from a heap frontier over the two sorted lists, written as slot ids. Replaces ``torch.topk`` on both halves, the
+  staircase candidate sums and a second ``torch.topk`` (and, for narrow query halves, the score matmul too).
+- :func:`lookup_backward`: both gradients of a weighted lookup from one pass over each touched row's occurrences
+  (sorted by ``torch.sort``): each occurrence's output-gradient row is read once, for its weight's dot with the value
+  row and for the row's gradient sum. Replaces an embedding bag over the segments plus a sampled matmul.
 - :func:`row_dots`: ``<table[idx[m, k]], x[m]>`` (PEER's and UltraMemV2's row dots).
 - :func:`adam_rows_`: lazy Adam on the touched rows of fp32 tables in place: one pass reading the gradient, parameter
   and moment rows, where PyTorch gathers the moments, steps the gathered copy and scatters it back.
+- :func:`rms_norm`: the query net's RMSNorm and Memory+'s qk-norm, one pass forward and one backward.
 
-``available()`` is False when numba is missing or ``MEMLM_CPU_KERNELS=0``; every caller then keeps its PyTorch path
-(the two are checked against each other in tests/test_cpu_kernels.py). Kernels compile on first use (cached on disk
-by numba) and run on ``torch.get_num_threads()`` threads. Ties: the top-k keeps the lower index first among equal
-scores. A row with NaN scores gets valid but arbitrary slots (``torch.topk`` ranks NaN highest); the NaN reaches the
-layer's output either way.
+``available()`` is False when numba is missing, under ``MEMLM_CPU_KERNELS=0`` and inside torch.compile; every caller
+then keeps its PyTorch path (the two are checked against each other in tests/test_cpu_kernels.py). Kernels compile on
+first use (cached on disk by numba) and run on ``torch.get_num_threads()`` threads. Ties: the top-k keeps the lower
+index first among equal scores. A row with NaN scores gets valid but arbitrary slots (``torch.topk`` ranks NaN
+highest); the NaN reaches the layer's output either way. Tensors reach numba as views made from their data pointers
+(:func:`_np`), never through ``Tensor.numpy()``, which would pin the storage's size (FSDP resizes parameter storage).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -59,9 +62,20 @@ def _threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
+_NP_TYPES = {torch.float32: "float32", torch.float64: "float64", torch.int64: "int64"}
+
+
 def _np(t: torch.Tensor):
-    """A contiguous CPU tensor's numpy view (shared memory; written in place by the kernels)."""
-    return t.detach().contiguous().numpy()
+    """A numpy view of a contiguous CPU tensor's memory (the kernels read and write it in place), made from its data
+    pointer. ``Tensor.numpy()`` would mark the storage as shared with numpy and so not resizable, and FSDP frees a
+    parameter's unsharded storage by resizing it to 0. The caller keeps ``t`` alive while the view is in use."""
+    if not t.is_contiguous():
+        raise ValueError("cpu_kernels._np needs a contiguous tensor")
+    dtype = np.dtype(_NP_TYPES[t.dtype])
+    if t.numel() == 0:
+        return np.empty(tuple(t.shape), dtype=dtype)
+    buf = (ctypes.c_byte * (t.numel() * dtype.itemsize)).from_address(t.data_ptr())
+    return np.frombuffer(buf, dtype=dtype).reshape(tuple(t.shape))
 
 
 if numba is not None:
@@ -343,7 +357,7 @@ def product_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.T
         ids = torch.empty(q4.shape[0], h, knn, dtype=torch.int64)
         keys_t = keys.detach().to(q4.dtype).transpose(-1, -2).contiguous()  # (H, 2, half, n)
         _threads()
-        _product_topk_scoring_kernel(q4.numpy(), keys_t.numpy(), knn, _threshold_z(n, knn), scores.numpy(), ids.numpy())
+        _product_topk_scoring_kernel(_np(q4), _np(keys_t), knn, _threshold_z(n, knn), _np(scores), _np(ids))
         return scores.view(*lead, h, knn), ids.view(*lead, h, knn)
     qf = q.reshape(-1, h, 2, half).permute(1, 2, 0, 3)  # (H, 2, M, half)
     s = torch.matmul(qf, keys.transpose(-1, -2))  # (H, 2, M, n) contiguous
@@ -360,7 +374,7 @@ def topk_of_half_scores(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.
     scores = s.new_empty(m, h, knn)
     ids = torch.empty(m, h, knn, dtype=torch.int64)
     _threads()
-    _product_topk_kernel(s.numpy(), knn, _threshold_z(n, knn), scores.numpy(), ids.numpy())
+    _product_topk_kernel(_np(s), knn, _threshold_z(n, knn), _np(scores), _np(ids))
     return scores, ids
 
 
@@ -384,15 +398,16 @@ def lookup_backward(table, indices, weights, grad_out, want_rows: bool, want_dot
     m, k = indices.shape
     if table is None:
         table = grad_out[:1]  # never read: the kernel indexes the table only for the dots
-    grad_out = grad_out.to(table.dtype).contiguous()
+    table = table.detach().contiguous()
+    grad_out = grad_out.detach().to(table.dtype).contiguous()
     uniq, bags, perm, starts = segments(indices)
     occ_w = weights.reshape(-1)[perm].to(table.dtype).contiguous()  # (L,) the weight of each occurrence
     d = grad_out.shape[1]
     grad_rows = grad_out.new_empty(uniq.numel() if want_rows else 1, d)
     occ_dots = grad_out.new_empty(perm.numel() if want_dots else 0)
     _threads()
-    _lookup_backward_kernel(_np(table), grad_out.numpy(), bags.numpy(), occ_w.numpy(), starts.numpy(), uniq.numpy(),
-                            grad_rows.numpy(), occ_dots.numpy(), want_rows, want_dots)  # fmt: skip
+    _lookup_backward_kernel(_np(table), _np(grad_out), _np(bags), _np(occ_w), _np(starts), _np(uniq), _np(grad_rows),
+                            _np(occ_dots), want_rows, want_dots)  # fmt: skip
     grad_w = None
     if want_dots:
         grad_w = grad_out.new_empty(m * k).index_copy_(0, perm, occ_dots).view(m, k)
@@ -401,10 +416,11 @@ def lookup_backward(table, indices, weights, grad_out, want_rows: bool, want_dot
 
 def row_dots(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(M, K) ``<table[indices[m, k]], x[m]>`` for (N, D) table, (M, K) indices, (M, D) x."""
-    x = x.to(table.dtype).contiguous()
+    table, indices = table.detach().contiguous(), indices.contiguous()
+    x = x.detach().to(table.dtype).contiguous()
     out = x.new_empty(indices.shape)
     _threads()
-    _row_dots_kernel(_np(table), _np(indices), x.numpy(), out.numpy())
+    _row_dots_kernel(_np(table), _np(indices), _np(x), _np(out))
     return out
 
 
@@ -417,15 +433,15 @@ def adam_rows_(param, rows, grad_rows, exp_avg, exp_avg_sq, step_size, bc2_sqrt,
         return
     d = param[0].numel()
 
-    def per_row(v):
+    def per_row(v):  # a numpy array that owns its memory
         if isinstance(v, torch.Tensor):
-            return v.to(torch.float32).reshape(u).contiguous().numpy()
+            return v.to(torch.float32).reshape(u).numpy().copy()
         return np.full(u, v, dtype=np.float32)
 
-    g = grad_rows.to(torch.float32).reshape(u, d).contiguous()
+    g = grad_rows.detach().to(torch.float32).reshape(u, d).contiguous()
+    p, m, v, r = param.detach().view(-1, d), exp_avg.view(-1, d), exp_avg_sq.view(-1, d), rows.contiguous()
     _threads()
-    _adam_rows_kernel(param.detach().view(-1, d).numpy(), exp_avg.view(-1, d).numpy(), exp_avg_sq.view(-1, d).numpy(),
-                      rows.contiguous().numpy(), g.numpy(), per_row(step_size), per_row(bc2_sqrt), np.float32(beta2),
+    _adam_rows_kernel(_np(p), _np(m), _np(v), _np(r), _np(g), per_row(step_size), per_row(bc2_sqrt), np.float32(beta2),
                       np.float32(1 - beta1), np.float32(1 - beta2), np.float32(eps))  # fmt: skip
 
 
@@ -441,7 +457,7 @@ class _RMSNorm(torch.autograd.Function):
         y = torch.empty_like(x2)
         rinv = x2.new_empty(x2.shape[0])
         _threads()
-        _rms_norm_fwd_kernel(x2.numpy(), g.numpy(), scale, eps, y.numpy(), rinv.numpy())
+        _rms_norm_fwd_kernel(_np(x2), _np(g), scale, eps, _np(y), _np(rinv))
         ctx.save_for_backward(x2, rinv, g)
         ctx.scale, ctx.has_gain, ctx.shape = scale, gain is not None, x.shape
         return y.view(x.shape)
@@ -455,8 +471,7 @@ class _RMSNorm(torch.autograd.Function):
         chunk = 256
         parts = x2.new_zeros((x2.shape[0] + chunk - 1) // chunk if ctx.has_gain else 0, x2.shape[1])
         _threads()
-        _rms_norm_bwd_kernel(x2.numpy(), rinv.numpy(), g.numpy(), ctx.scale, gy2.numpy(), gx.numpy(), parts.numpy(),
-                             chunk)  # fmt: skip
+        _rms_norm_bwd_kernel(_np(x2), _np(rinv), _np(g), ctx.scale, _np(gy2), _np(gx), _np(parts), chunk)
         ggain = parts.sum(0) if ctx.has_gain and ctx.needs_input_grad[1] else None
         return gx.view(ctx.shape), ggain, None, None
 

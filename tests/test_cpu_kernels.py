@@ -71,6 +71,24 @@ def test_product_topk_from_queries_matches_the_torch_search(half):
         cpu_kernels.product_topk(q, keys, 33)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_search_backward_equals_autograd_through_the_selected_scores(dtype):
+    """The sub-keys' and the queries' gradients of the selected scores, against autograd through the dense scores
+    gathered at the selected slots (duplicated sub-keys across queries and ranks included)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(7, 3, 2, 2, 12, generator=g, dtype=dtype, requires_grad=True)
+    keys = torch.randn(2, 2, 16, 12, generator=g, dtype=dtype, requires_grad=True)
+    _, ids = cpu_kernels.product_topk(q.detach(), keys.detach(), 5)  # (7, 3, 2, 5)
+    gs = torch.randn(ids.shape, generator=g, dtype=dtype)
+    s = torch.einsum("...hsd,hsnd->...hsn", q, keys)  # (7, 3, 2, 2, 16)
+    picked = s[..., 0, :].gather(-1, ids // 16) + s[..., 1, :].gather(-1, ids % 16)
+    want_q, want_k = torch.autograd.grad((picked * gs).sum(), (q, keys))
+    got_q, got_k = cpu_kernels.search_backward(q.detach(), keys.detach(), ids, gs)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_q, want_q, **tol)
+    torch.testing.assert_close(got_k, want_k, **tol)
+
+
 def _lookup_case(dtype, n=50, m=30, k=6, d=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     table = torch.randn(n, d, generator=g, dtype=dtype)

@@ -10,6 +10,7 @@ passes, not the arithmetic, are the cost. Each kernel here is one pass, parallel
 - :func:`lookup_backward`: both gradients of a weighted lookup from one pass over each touched row's occurrences
   (sorted by ``torch.sort``): each occurrence's output-gradient row is read once, for its weight's dot with the value
   row and for the row's gradient sum. Replaces an embedding bag over the segments plus a sampled matmul.
+- :func:`search_backward`: the product-key search's query and sub-key gradients, one task per (head, half), no sort.
 - :func:`row_dots`: ``<table[idx[m, k]], x[m]>`` (PEER's and UltraMemV2's row dots).
 - :func:`adam_rows_`: lazy Adam on the touched rows of fp32 tables in place: one pass reading the gradient, parameter
   and moment rows, where PyTorch gathers the moments, steps the gathered copy and scatters it back.
@@ -81,6 +82,17 @@ def _np(t: torch.Tensor):
 if numba is not None:
 
     @njit(inline="always")
+    def _insert(vals, ids, p, x, i):
+        """Put score x (id i) into the descending list vals[: p + 1], whose slot p is free: entries below x move
+        down one."""
+        while p > 0 and vals[p - 1] < x:
+            vals[p] = vals[p - 1]
+            ids[p] = ids[p - 1]
+            p -= 1
+        vals[p] = x
+        ids[p] = i
+
+    @njit(inline="always")
     def _row_topk(row, k, z, vals, ids, buf_v, buf_i):
         """vals, ids (k,) <- the top-k of ``row`` (n,), descending. Exact for any data: a threshold from the row's
         mean and std (mean + z std; z is chosen so that ~1.5 k scores of a Gaussian row pass) keeps a few more than
@@ -107,24 +119,10 @@ if numba is not None:
                 buf_i[j] = j
             c = n
         for j in range(k):  # insertion sort of the first k candidates
-            x = buf_v[j]
-            p = j
-            while p > 0 and vals[p - 1] < x:
-                vals[p] = vals[p - 1]
-                ids[p] = ids[p - 1]
-                p -= 1
-            vals[p] = x
-            ids[p] = buf_i[j]
+            _insert(vals, ids, j, buf_v[j], buf_i[j])
         for j in range(k, c):  # the rest: inserted only if it beats the current k-th
-            x = buf_v[j]
-            if x > vals[k - 1]:
-                p = k - 1
-                while p > 0 and vals[p - 1] < x:
-                    vals[p] = vals[p - 1]
-                    ids[p] = ids[p - 1]
-                    p -= 1
-                vals[p] = x
-                ids[p] = buf_i[j]
+            if buf_v[j] > vals[k - 1]:
+                _insert(vals, ids, k - 1, buf_v[j], buf_i[j])
 
     @njit(inline="always")
     def _sift_down(hv, ha, hb, size):
@@ -222,6 +220,35 @@ if numba is not None:
                     else:
                         _row_topk(row, knn, z, v2, i2, buf_v, buf_i)
                 _top_sums(v1, i1, v2, i2, knn, n, out_scores[m, h], out_ids[m, h], hv, ha, hb)
+
+    @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+    def _search_backward_kernel(q, keys, idx, g, grad_q, grad_k):
+        """Gradients of the selected scores s[m, h, c] = <q[m, h, 0], K[h, 0, i]> + <q[m, h, 1], K[h, 1, j]> (slot
+        idx = i * n + j) given g = d loss / d s: grad_q[m, h, side] = sum_c g K[h, side, sub_c] and grad_k[h, side,
+        sub] = sum of g q[m, h, side] over the (m, c) that selected sub. One task per (head, side): it owns its slice
+        of both outputs, so the sums need no sort and no atomics (and run in a fixed order)."""
+        m_count, h_count, _, half = q.shape
+        n = keys.shape[2]
+        knn = idx.shape[2]
+        zero = np.zeros(1, q.dtype)[0]
+        for task in prange(h_count * 2):
+            h, side = task // 2, task % 2
+            kk, gk = keys[h, side], grad_k[h, side]
+            for r in range(n):
+                for j in range(half):
+                    gk[r, j] = zero
+            for m in range(m_count):
+                qs, gq = q[m, h, side], grad_q[m, h, side]
+                for j in range(half):
+                    gq[j] = zero
+                for c in range(knn):
+                    slot = idx[m, h, c]
+                    sub = slot // n if side == 0 else slot % n
+                    w = g[m, h, c]
+                    kr, gr = kk[sub], gk[sub]
+                    for j in range(half):
+                        gq[j] += w * kr[j]
+                        gr[j] += w * qs[j]
 
     # dots: reassociation lets LLVM vectorize the reduction (the sum's order differs from a sequential one by rounding)
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
@@ -376,6 +403,24 @@ def topk_of_half_scores(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.
     _threads()
     _product_topk_kernel(_np(s), knn, _threshold_z(n, knn), _np(scores), _np(ids))
     return scores, ids
+
+
+def search_backward(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, grad_scores: torch.Tensor):
+    """Backward of :func:`product_topk`'s scores: query halves (..., H, 2, half), sub-keys (H, 2, n_keys, half),
+    slot ids and score gradients (..., H, knn) -> (grad of q, grad of keys), in the inputs' shapes and dtypes.
+    Parallel over the 2H (head, half) pairs."""
+    h, _, n, half = keys.shape
+    knn = idx.shape[-1]
+    dt = q.dtype
+    q4 = q.detach().reshape(-1, h, 2, half).contiguous()
+    k4 = keys.detach().to(dt).contiguous()
+    i3 = idx.reshape(-1, h, knn).contiguous()
+    g3 = grad_scores.detach().to(dt).reshape(-1, h, knn).contiguous()
+    grad_q = torch.empty_like(q4)
+    grad_k = torch.empty_like(k4)
+    _threads()
+    _search_backward_kernel(_np(q4), _np(k4), _np(i3), _np(g3), _np(grad_q), _np(grad_k))
+    return grad_q.view(q.shape), grad_k.to(keys.dtype)
 
 
 def segments(indices: torch.Tensor):

@@ -152,6 +152,9 @@ class _SearchWithSparseGrad(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_scores, _grad_idx):  # noqa: D102
         q, keys, idx = ctx.saved_tensors
+        if cpu_kernels.available(q, keys, grad_scores):  # one pass per (head, half), no sort (numba)
+            gq, gk = cpu_kernels.search_backward(q, keys, idx, grad_scores)
+            return gq, gk, None
         h, _, n, half = keys.shape
         knn = idx.shape[-1]
         g = grad_scores.float().reshape(-1, knn)  # (M*H, knn), one bag per (query, head)

@@ -1,4 +1,4 @@
-"""The numba CPU kernels (memlm/model/memory/cpu_kernels.py) against brute force and against the PyPI-free PyTorch
+"""The numba CPU kernels (memlm/model/memory/cpu_kernels/) against brute force and against the PyTorch
 paths they replace (``MEMLM_CPU_KERNELS=0``)."""
 
 from __future__ import annotations

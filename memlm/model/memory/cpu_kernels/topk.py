@@ -1,0 +1,255 @@
+"""The product-key search on CPU: the exact top-k of the pair sums (forward) and the selected scores' gradients."""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+
+import torch
+
+from memlm.model.memory.cpu_kernels._base import _np, _threads, numba
+
+if numba is not None:
+    import numpy as np
+    from numba import njit, prange
+
+    @njit(inline="always")
+    def _insert(vals, ids, p, x, i):
+        """Put score x (id i) into the descending list vals[: p + 1], whose slot p is free: entries below x move
+        down one."""
+        while p > 0 and vals[p - 1] < x:
+            vals[p] = vals[p - 1]
+            ids[p] = ids[p - 1]
+            p -= 1
+        vals[p] = x
+        ids[p] = i
+
+    @njit(inline="always")
+    def _row_topk(row, k, z, vals, ids, buf_v, buf_i):
+        """vals, ids (k,) <- the top-k of ``row`` (n,), descending. Exact for any data: a threshold from the row's
+        mean and std (mean + z std; z is chosen so that ~1.5 k scores of a Gaussian row pass) keeps a few more than
+        k candidates in one branch-free pass; if fewer than k pass, every score is a candidate. Then an insertion
+        sort of the candidates into (k,)."""
+        n = row.shape[0]
+        total = 0.0
+        sq = 0.0
+        for j in range(n):
+            total += row[j]
+            sq += row[j] * row[j]
+        mean = total / n
+        var = max(sq / n - mean * mean, 0.0)
+        thr = mean + z * math.sqrt(var)
+        c = 0
+        for j in range(n):  # branch-free compaction of the scores above the threshold
+            x = row[j]
+            buf_v[c] = x
+            buf_i[c] = j
+            c += x > thr
+        if c < k:  # too few passed (a non-Gaussian row): every score is a candidate
+            for j in range(n):
+                buf_v[j] = row[j]
+                buf_i[j] = j
+            c = n
+        for j in range(k):  # insertion sort of the first k candidates
+            _insert(vals, ids, j, buf_v[j], buf_i[j])
+        for j in range(k, c):  # the rest: inserted only if it beats the current k-th
+            if buf_v[j] > vals[k - 1]:
+                _insert(vals, ids, k - 1, buf_v[j], buf_i[j])
+
+    @njit(inline="always")
+    def _sift_down(hv, ha, hb, size):
+        i = 0
+        x, xa, xb = hv[0], ha[0], hb[0]
+        while True:
+            c = 2 * i + 1
+            if c >= size:
+                break
+            if c + 1 < size and hv[c + 1] > hv[c]:
+                c += 1
+            if hv[c] <= x:
+                break
+            hv[i], ha[i], hb[i] = hv[c], ha[c], hb[c]
+            i = c
+        hv[i], ha[i], hb[i] = x, xa, xb
+
+    @njit(inline="always")
+    def _push(hv, ha, hb, size, x, a, b):
+        i = size
+        while i > 0:
+            p = (i - 1) // 2
+            if hv[p] >= x:
+                break
+            hv[i], ha[i], hb[i] = hv[p], ha[p], hb[p]
+            i = p
+        hv[i], ha[i], hb[i] = x, a, b
+
+    @njit(inline="always")
+    def _top_sums(v1, i1, v2, i2, knn, n, out_s, out_i, hv, ha, hb):
+        """out_s, out_i (knn,) <- the top-knn of v1[a] + v2[b] over all rank pairs of two descending (knn,) lists,
+        in order, as slot ids i1[a] * n + i2[b]: a max-heap frontier, popping (a, b) pushes (a, b + 1), and
+        (a + 1, 0) when b = 0, so each pair enters once and the heap holds at most knn + 1 pairs."""
+        hv[0], ha[0], hb[0] = v1[0] + v2[0], 0, 0
+        size = 1
+        for r in range(knn):
+            a, b = ha[0], hb[0]
+            out_s[r] = hv[0]
+            out_i[r] = i1[a] * n + i2[b]
+            if b + 1 < knn:  # replace the top by its successor in row a
+                hv[0], ha[0], hb[0] = v1[a] + v2[b + 1], a, b + 1
+            else:
+                size -= 1
+                hv[0], ha[0], hb[0] = hv[size], ha[size], hb[size]
+            _sift_down(hv, ha, hb, size)
+            if b == 0 and a + 1 < knn:
+                _push(hv, ha, hb, size, v1[a + 1] + v2[0], a + 1, 0)
+                size += 1
+
+    @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+    def _product_topk_kernel(s, knn, z, out_scores, out_ids):
+        """s (H, 2, M, n) half scores -> out_scores, out_ids (M, H, knn): the top-knn slot scores and ids i * n + j.
+        (fastmath only lets the mean / std sums vectorize; every comparison is on the exact scores.)"""
+        h_count, _, m_count, n = s.shape
+        tasks = m_count * h_count
+        chunk = 64  # scratch buffers allocated once per chunk of (token, head) tasks
+        for c0 in prange((tasks + chunk - 1) // chunk):
+            v1, v2 = np.empty(knn, s.dtype), np.empty(knn, s.dtype)
+            i1, i2 = np.empty(knn, np.int64), np.empty(knn, np.int64)
+            buf_v, buf_i = np.empty(n, s.dtype), np.empty(n, np.int64)
+            hv, ha, hb = np.empty(knn + 1, s.dtype), np.empty(knn + 1, np.int64), np.empty(knn + 1, np.int64)
+            for task in range(c0 * chunk, min(tasks, (c0 + 1) * chunk)):
+                m, h = task // h_count, task % h_count
+                _row_topk(s[h, 0, m], knn, z, v1, i1, buf_v, buf_i)
+                _row_topk(s[h, 1, m], knn, z, v2, i2, buf_v, buf_i)
+                _top_sums(v1, i1, v2, i2, knn, n, out_scores[m, h], out_ids[m, h], hv, ha, hb)
+
+    @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+    def _product_topk_scoring_kernel(q, keys_t, knn, z, out_scores, out_ids):
+        """:func:`_product_topk_kernel` that also computes the half scores: q (M, H, 2, half), keys_t (H, 2, half, n)
+        (sub-keys transposed, so a score row is ``half`` vectorized axpys over n). For small ``half``, where a BLAS
+        matmul runs far below its peak and the (H, 2, M, n) score tensor costs more to write than to compute."""
+        m_count, h_count, _, half = q.shape
+        n = keys_t.shape[3]
+        tasks = m_count * h_count
+        chunk = 64
+        for c0 in prange((tasks + chunk - 1) // chunk):
+            v1, v2 = np.empty(knn, q.dtype), np.empty(knn, q.dtype)
+            i1, i2 = np.empty(knn, np.int64), np.empty(knn, np.int64)
+            row = np.empty(n, q.dtype)
+            buf_v, buf_i = np.empty(n, q.dtype), np.empty(n, np.int64)
+            hv, ha, hb = np.empty(knn + 1, q.dtype), np.empty(knn + 1, np.int64), np.empty(knn + 1, np.int64)
+            for task in range(c0 * chunk, min(tasks, (c0 + 1) * chunk)):
+                h, m = task // m_count, task % m_count  # head-major: a head's sub-keys stay in cache
+                for side in range(2):
+                    qs, kt = q[m, h, side], keys_t[h, side]
+                    for j in range(n):
+                        row[j] = qs[0] * kt[0, j]
+                    for d in range(1, half):
+                        qd = qs[d]
+                        for j in range(n):
+                            row[j] += qd * kt[d, j]
+                    if side == 0:
+                        _row_topk(row, knn, z, v1, i1, buf_v, buf_i)
+                    else:
+                        _row_topk(row, knn, z, v2, i2, buf_v, buf_i)
+                _top_sums(v1, i1, v2, i2, knn, n, out_scores[m, h], out_ids[m, h], hv, ha, hb)
+
+    @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+    def _search_backward_kernel(q, keys, idx, g, grad_q, grad_k):
+        """Gradients of the selected scores s[m, h, c] = <q[m, h, 0], K[h, 0, i]> + <q[m, h, 1], K[h, 1, j]> (slot
+        idx = i * n + j) given g = d loss / d s: grad_q[m, h, side] = sum_c g K[h, side, sub_c] and grad_k[h, side,
+        sub] = sum of g q[m, h, side] over the (m, c) that selected sub. One task per (head, side): it owns its slice
+        of both outputs, so the sums need no sort and no atomics (and run in a fixed order)."""
+        m_count, h_count, _, half = q.shape
+        n = keys.shape[2]
+        knn = idx.shape[2]
+        zero = np.zeros(1, q.dtype)[0]
+        for task in prange(h_count * 2):
+            h, side = task // 2, task % 2
+            kk, gk = keys[h, side], grad_k[h, side]
+            for r in range(n):
+                for j in range(half):
+                    gk[r, j] = zero
+            for m in range(m_count):
+                qs, gq = q[m, h, side], grad_q[m, h, side]
+                for j in range(half):
+                    gq[j] = zero
+                for c in range(knn):
+                    slot = idx[m, h, c]
+                    sub = slot // n if side == 0 else slot % n
+                    w = g[m, h, c]
+                    kr, gr = kk[sub], gk[sub]
+                    for j in range(half):
+                        gq[j] += w * kr[j]
+                        gr[j] += w * qs[j]
+
+    # dots: reassociation lets LLVM vectorize the reduction (the sum's order differs from a sequential one by rounding)
+
+
+# query half widths up to which product_topk computes the scores inside its kernel instead of a batched matmul
+# (BLAS reaches ~1/3 of its peak at inner width 32 on CPU, and writing the score tensor costs more than the dots)
+SCORING_MAX_HALF = 32
+
+
+@functools.cache
+def _threshold_z(n: int, knn: int) -> float:
+    """z with P(N(0, 1) > z) = (1.5 knn + 8) / n: the threshold of :func:`_row_topk` lets ~1.5 knn + 8 of a
+    Gaussian row's n scores through (-inf: all of them, when that is most of the row anyway)."""
+    frac = (1.5 * knn + 8) / n
+    return -math.inf if frac >= 0.5 else statistics.NormalDist().inv_cdf(1 - frac)
+
+
+def product_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query halves (..., H, 2, half) x sub-keys (H, 2, n_keys, half) -> the exact top-``knn`` slot scores and ids
+    (..., H, knn), scores descending (the same result as ``product_topk_halves`` of the dense scores, up to ties
+    and the rounding of the score dot products).
+
+    The dense scores are one batched matmul laid out (H, 2, M, n_keys), so each half's row is contiguous; for
+    ``half <= SCORING_MAX_HALF`` the kernel computes each score row itself."""
+    lead, h, half = q.shape[:-3], q.shape[-3], q.shape[-1]
+    n = keys.shape[2]
+    if half <= SCORING_MAX_HALF:  # scores computed inside the kernel (small inner width)
+        if knn > n:
+            raise ValueError(f"knn = {knn} exceeds the {n} sub-keys per half")
+        q4 = q.detach().reshape(-1, h, 2, half).contiguous()
+        scores = q4.new_empty(q4.shape[0], h, knn)
+        ids = torch.empty(q4.shape[0], h, knn, dtype=torch.int64)
+        keys_t = keys.detach().to(q4.dtype).transpose(-1, -2).contiguous()  # (H, 2, half, n)
+        _threads()
+        _product_topk_scoring_kernel(_np(q4), _np(keys_t), knn, _threshold_z(n, knn), _np(scores), _np(ids))
+        return scores.view(*lead, h, knn), ids.view(*lead, h, knn)
+    qf = q.reshape(-1, h, 2, half).permute(1, 2, 0, 3)  # (H, 2, M, half)
+    s = torch.matmul(qf, keys.transpose(-1, -2))  # (H, 2, M, n) contiguous
+    scores, ids = topk_of_half_scores(s, knn)  # (M, H, knn)
+    return scores.view(*lead, h, knn), ids.view(*lead, h, knn)
+
+
+def topk_of_half_scores(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half scores (H, 2, M, n_keys) -> the top-``knn`` slot scores and ids (M, H, knn), scores descending."""
+    h, _, m, n = s.shape
+    if knn > n:
+        raise ValueError(f"knn = {knn} exceeds the {n} sub-keys per half")
+    s = s.contiguous()
+    scores = s.new_empty(m, h, knn)
+    ids = torch.empty(m, h, knn, dtype=torch.int64)
+    _threads()
+    _product_topk_kernel(_np(s), knn, _threshold_z(n, knn), _np(scores), _np(ids))
+    return scores, ids
+
+
+def search_backward(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, grad_scores: torch.Tensor):
+    """Backward of :func:`product_topk`'s scores: query halves (..., H, 2, half), sub-keys (H, 2, n_keys, half),
+    slot ids and score gradients (..., H, knn) -> (grad of q, grad of keys), in the inputs' shapes and dtypes.
+    Parallel over the 2H (head, half) pairs."""
+    h, _, n, half = keys.shape
+    knn = idx.shape[-1]
+    dt = q.dtype
+    q4 = q.detach().reshape(-1, h, 2, half).contiguous()
+    k4 = keys.detach().to(dt).contiguous()
+    i3 = idx.reshape(-1, h, knn).contiguous()
+    g3 = grad_scores.detach().to(dt).reshape(-1, h, knn).contiguous()
+    grad_q = torch.empty_like(q4)
+    grad_k = torch.empty_like(k4)
+    _threads()
+    _search_backward_kernel(_np(q4), _np(k4), _np(i3), _np(g3), _np(grad_q), _np(grad_k))
+    return grad_q.view(q.shape), grad_k.to(keys.dtype)

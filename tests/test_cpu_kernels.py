@@ -67,8 +67,9 @@ def test_product_topk_from_queries_matches_the_torch_search(half):
     torch.testing.assert_close(scores, want)  # the dots' summation order differs: close, not equal
     got = s[..., 0, :].gather(-1, ids // 32) + s[..., 1, :].gather(-1, ids % 32)
     torch.testing.assert_close(got, scores)  # each id is the slot its score belongs to
-    with pytest.raises(ValueError, match="exceeds"):
-        cpu_kernels.product_topk(q, keys, 33)
+    for bad in (0, 33):
+        with pytest.raises(ValueError, match="must be in"):
+            cpu_kernels.product_topk(q, keys, bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -170,8 +171,24 @@ def test_adam_rows_kernel_matches_torch_and_leaves_other_rows_bitwise(per_row):
     assert not torch.equal(ours[0][rows], state[0][rows])
 
 
+def test_adam_rows_kernel_bumps_versions_and_takes_a_tensor_lr():
+    """Written through raw pointers, the step still bumps the version counters, so autograd refuses a backward
+    through a tensor it changed (as after any in-place op); a one-element tensor lr works as in the torch path."""
+    p = torch.randn(5, 4, requires_grad=True)
+    y = (p * p).sum()
+    m, v = torch.zeros(5, 4), torch.zeros(5, 4)
+    with torch.no_grad():
+        adam_rows_(p, torch.tensor([0, 3]), torch.ones(2, 4), m, v, 1, lr=torch.tensor(0.1))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    assert not torch.equal(m[0], torch.zeros(4)) and torch.equal(m[1], torch.zeros(4))
+
+
 def test_switch_and_dtypes(monkeypatch):
     assert cpu_kernels.available(torch.zeros(2), torch.zeros(2, dtype=torch.int64))
     assert not cpu_kernels.available(torch.zeros(2, dtype=torch.bfloat16))  # numba has no bf16: PyTorch path
+    assert not cpu_kernels.available(torch.zeros(2, dtype=torch.int32))  # the views take int64 ids only
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_kernels.available(torch.zeros(2))  # the wrappers' own ops would autocast
     monkeypatch.setenv("MEMLM_CPU_KERNELS", "0")
     assert not cpu_kernels.available(torch.zeros(2))

@@ -19,12 +19,14 @@ passes, not the arithmetic, are the cost. Each kernel here is one pass, parallel
   and moment rows, where PyTorch gathers the moments, steps the gathered copy and scatters it back.
 - :func:`rms_norm`: the query net's RMSNorm and Memory+'s qk-norm, one pass forward and one backward.
 
-``available()`` is False when numba is missing, under ``MEMLM_CPU_KERNELS=0`` and inside torch.compile; every caller
-then keeps its PyTorch path (the two are checked against each other in tests/test_cpu_kernels.py). Kernels compile on
-first use (cached on disk by numba) and run on ``torch.get_num_threads()`` threads. Ties: the top-k keeps the lower
-index first among equal scores. A row with NaN scores gets valid but arbitrary slots (``torch.topk`` ranks NaN
-highest); the NaN reaches the layer's output either way. Tensors reach numba as views made from their data pointers
-(:func:`_np`), never through ``Tensor.numpy()``, which would pin the storage's size (FSDP resizes parameter storage).
+``available()`` is False when numba is missing, under ``MEMLM_CPU_KERNELS=0``, inside torch.compile and under CPU
+autocast; every caller then keeps its PyTorch path (the two are checked against each other in
+tests/test_cpu_kernels.py). Kernels compile on first use (cached on disk by numba) and run on
+``torch.get_num_threads()`` threads. Ties: within a half the top-k keeps the lower sub-key id first; equal pair sums
+come out in heap order. A row with NaN scores gets valid but arbitrary slots (``torch.topk`` ranks NaN highest); the
+NaN reaches the layer's output either way. Tensors reach numba as views made from their data pointers (:func:`_np`),
+never through ``Tensor.numpy()``, which would pin the storage's size (FSDP resizes parameter storage). Row ids are
+not bounds-checked: out-of-range ids read or write arbitrary memory, as the Triton kernels would.
 """
 
 from __future__ import annotations

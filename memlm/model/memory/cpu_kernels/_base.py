@@ -19,12 +19,14 @@ FLOATS = (torch.float32, torch.float64)
 
 def available(*tensors: torch.Tensor) -> bool:
     """numba is importable, not switched off (``MEMLM_CPU_KERNELS=0``), not under torch.compile (which cannot trace
-    into numba, and fuses the PyTorch paths itself), and every tensor is a CPU float32/float64 tensor (integer index
-    tensors may be given too: they only need to be on the CPU)."""
+    into numba, and fuses the PyTorch paths itself) or CPU autocast, and every tensor is a CPU float32 / float64
+    tensor or an int64 index tensor."""
     if torch.compiler.is_compiling() or numba is None or os.environ.get("MEMLM_CPU_KERNELS", "1") == "0":
         return False
+    if torch.is_autocast_enabled("cpu"):  # ops inside the kernels' wrappers would autocast to bf16
+        return False
     for t in tensors:
-        if t.device.type != "cpu" or (t.is_floating_point() and t.dtype not in FLOATS):
+        if t.device.type != "cpu" or t.dtype not in (*FLOATS, torch.int64):
             return False
     return True
 

@@ -15,7 +15,7 @@ if numba is not None:
     @njit(parallel=True, cache=True)
     def _adam_rows_kernel(param, exp_avg, exp_avg_sq, rows, grad, step_size, bc2_sqrt, beta2, omb1, omb2, eps):
         """Lazy Adam on param[rows] (fp32, rows unique); step_size / bc2_sqrt (U,) per row (a global step repeats
-        one value). torch.optim.Adam's formula and rounding order: m += (1 - b1)(g - m); v = b2 v + (1 - b2) g^2;
+        one value). torch.optim.Adam's formula, to a few ulps: m += (1 - b1)(g - m); v = b2 v + (1 - b2) g^2;
         p -= step_size (m / (sqrt(v) / bc2_sqrt + eps))."""
         d = grad.shape[1]
         for i in prange(rows.shape[0]):
@@ -25,10 +25,10 @@ if numba is not None:
             for j in range(d):
                 gj = g[j]
                 mj = m[j] + omb1 * (gj - m[j])
-                vj = v[j] * beta2 + omb2 * (gj * gj)
+                vj = v[j] * beta2 + omb2 * gj * gj  # addcmul's (value * g) * g
                 m[j] = mj
                 v[j] = vj
-                p[j] = p[j] - lr * (mj / (math.sqrt(vj) / bc + eps))
+                p[j] = p[j] - lr * mj / (math.sqrt(vj) / bc + eps)  # addcdiv's (value * m) / denom
 
 
 def adam_rows_(param, rows, grad_rows, exp_avg, exp_avg_sq, step_size, bc2_sqrt, beta1, beta2, eps) -> None:
@@ -41,12 +41,14 @@ def adam_rows_(param, rows, grad_rows, exp_avg, exp_avg_sq, step_size, bc2_sqrt,
     d = param[0].numel()
 
     def per_row(v):  # a numpy array that owns its memory
-        if isinstance(v, torch.Tensor):
-            return v.to(torch.float32).reshape(u).numpy().copy()
-        return np.full(u, v, dtype=np.float32)
+        if isinstance(v, torch.Tensor) and v.numel() == u and v.dim() > 0:
+            return v.detach().to(torch.float32).reshape(u).numpy().copy()
+        return np.full(u, float(v), dtype=np.float32)  # a float, or a one-element tensor (e.g. a tensor lr)
 
     g = grad_rows.detach().to(torch.float32).reshape(u, d).contiguous()
     p, m, v, r = param.detach().view(-1, d), exp_avg.view(-1, d), exp_avg_sq.view(-1, d), rows.contiguous()
     _threads()
     _adam_rows_kernel(_np(p), _np(m), _np(v), _np(r), _np(g), per_row(step_size), per_row(bc2_sqrt), np.float32(beta2),
                       np.float32(1 - beta1), np.float32(1 - beta2), np.float32(eps))  # fmt: skip
+    for t in (param, exp_avg, exp_avg_sq):  # written through raw pointers: tell autograd, as an in-place op would
+        torch.autograd.graph.increment_version(t)

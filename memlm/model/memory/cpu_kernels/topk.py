@@ -209,8 +209,8 @@ def product_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.T
     lead, h, half = q.shape[:-3], q.shape[-3], q.shape[-1]
     n = keys.shape[2]
     if half <= SCORING_MAX_HALF:  # scores computed inside the kernel (small inner width)
-        if knn > n:
-            raise ValueError(f"knn = {knn} exceeds the {n} sub-keys per half")
+        if not 1 <= knn <= n:
+            raise ValueError(f"knn = {knn} must be in [1, {n}] (the sub-keys per half)")
         q4 = q.detach().reshape(-1, h, 2, half).contiguous()
         scores = q4.new_empty(q4.shape[0], h, knn)
         ids = torch.empty(q4.shape[0], h, knn, dtype=torch.int64)
@@ -227,8 +227,8 @@ def product_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.T
 def topk_of_half_scores(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Half scores (H, 2, M, n_keys) -> the top-``knn`` slot scores and ids (M, H, knn), scores descending."""
     h, _, m, n = s.shape
-    if knn > n:
-        raise ValueError(f"knn = {knn} exceeds the {n} sub-keys per half")
+    if not 1 <= knn <= n:
+        raise ValueError(f"knn = {knn} must be in [1, {n}] (the sub-keys per half)")
     s = s.contiguous()
     scores = s.new_empty(m, h, knn)
     ids = torch.empty(m, h, knn, dtype=torch.int64)

@@ -183,8 +183,6 @@ if numba is not None:
                         gq[j] += w * kr[j]
                         gr[j] += w * qs[j]
 
-    # dots: reassociation lets LLVM vectorize the reduction (the sum's order differs from a sequential one by rounding)
-
 
 # query half widths up to which product_topk computes the scores inside its kernel instead of a batched matmul
 # (BLAS reaches ~1/3 of its peak at inner width 32 on CPU, and writing the score tensor costs more than the dots)

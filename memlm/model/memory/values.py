@@ -48,13 +48,9 @@ def table_grad_rows(indices: torch.Tensor, weights: torch.Tensor, grad_out: torc
     if cpu_kernels.available(grad_out, indices):  # one pass per touched row (numba)
         uniq, grad_rows, _ = cpu_kernels.lookup_backward(None, indices, weights, grad_out, True, False)
         return uniq, grad_rows
-    k = indices.shape[1]
-    rows, perm = torch.sort(indices.reshape(-1), stable=True)  # (L,): each row's occurrences, in order
-    uniq, counts = torch.unique_consecutive(rows, return_counts=True)  # (U,), (U,)
-    bags = perm // k  # (L,) the bag of each occurrence, grouped by row
-    starts = torch.cumsum(counts, 0) - counts  # (U,) segment offsets
+    uniq, bags, perm, starts = cpu_kernels.segments(indices)  # each row's occurrences, grouped and in order
     grad_rows = F.embedding_bag(
-        bags, grad_out, starts, mode="sum", per_sample_weights=weights.reshape(-1)[perm].to(grad_out.dtype)
+        bags, grad_out, starts[:-1], mode="sum", per_sample_weights=weights.reshape(-1)[perm].to(grad_out.dtype)
     )  # (U, D)
     return uniq, grad_rows
 

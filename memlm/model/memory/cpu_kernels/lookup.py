@@ -58,13 +58,14 @@ if numba is not None:
 
 
 def segments(indices: torch.Tensor):
-    """The occurrences of each touched row: (sorted unique rows (U,), bag of each occurrence grouped by row (L,),
-    their positions in the flat (M*K) indices (L,), segment starts (U + 1,))."""
+    """The occurrences of each touched row of (M, K) ``indices``: (sorted unique rows (U,), bag of each occurrence
+    grouped by row (L,), their positions in the flat (M*K) indices (L,), segment starts (U + 1,)). Plain torch, any
+    device (also the PyTorch path of ``values.table_grad_rows``)."""
     k = indices.shape[1]
     # (a counting sort in numba was no faster than torch's sort here: its scattered writes miss the cache)
     rows, perm = torch.sort(indices.reshape(-1), stable=True)  # (L,): each row's occurrences, in order
     uniq, counts = torch.unique_consecutive(rows, return_counts=True)  # (U,), (U,)
-    starts = torch.zeros(uniq.numel() + 1, dtype=torch.int64)
+    starts = torch.zeros(uniq.numel() + 1, dtype=torch.int64, device=indices.device)
     torch.cumsum(counts, 0, out=starts[1:])
     return uniq, perm // k, perm, starts
 

@@ -55,9 +55,15 @@ def test_product_topk_is_exact_on_rows_that_are_not_gaussian(make):
     assert torch.equal(sums, scores)
 
 
-@pytest.mark.parametrize("half", [16, cpu_kernels.SCORING_MAX_HALF, cpu_kernels.SCORING_MAX_HALF + 8])
-def test_product_topk_from_queries_matches_the_torch_search(half):
-    """Both ways of scoring: inside the kernel (small half widths) and by a batched matmul."""
+@pytest.mark.parametrize(
+    "half,tile_bytes",
+    [(16, None), (cpu_kernels.CHUNK_MAX_HALF, None), (cpu_kernels.CHUNK_MAX_HALF + 8, None), (16, 3000), (8, 1)],
+)
+def test_product_topk_from_queries_matches_the_torch_search(half, tile_bytes, monkeypatch):
+    """Both ways of scoring: chunks of queries into a tile (narrow halves; also tiles of a few queries, the last one
+    partial, and of one query) and one batched matmul (wide halves)."""
+    if tile_bytes is not None:
+        monkeypatch.setattr("memlm.model.memory.cpu_kernels.topk.TILE_BYTES", tile_bytes)
     g = torch.Generator().manual_seed(half)
     q, keys = torch.randn(4, 6, 3, 2, half, generator=g), torch.randn(3, 2, 32, half, generator=g)
     scores, ids = cpu_kernels.product_topk(q, keys, 8)
@@ -67,6 +73,7 @@ def test_product_topk_from_queries_matches_the_torch_search(half):
     torch.testing.assert_close(scores, want)  # the dots' summation order differs: close, not equal
     got = s[..., 0, :].gather(-1, ids // 32) + s[..., 1, :].gather(-1, ids % 32)
     torch.testing.assert_close(got, scores)  # each id is the slot its score belongs to
+    assert all(len(set(row)) == 8 for row in ids.reshape(-1, 8).tolist())  # distinct slots
     for bad in (0, 33):
         with pytest.raises(ValueError, match="must be in"):
             cpu_kernels.product_topk(q, keys, bad)

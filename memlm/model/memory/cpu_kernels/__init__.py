@@ -9,7 +9,8 @@ passes, not the arithmetic, are the cost. Each kernel here is one pass, parallel
 - :func:`product_topk`: the exact product-key top-k from the two halves' dense scores: each half's top-k (a
   threshold pass keeps a few more than k candidates, which are insertion-sorted), then the top-k pair sums, in order,
   from a heap frontier over the two sorted lists, written as slot ids. Replaces ``torch.topk`` on both halves, the
-  staircase candidate sums and a second ``torch.topk`` (and, for narrow query halves, the score matmul too).
+  staircase candidate sums and a second ``torch.topk``. Narrow query halves are scored in chunks of queries, each
+  chunk's batched matmul writing a cache-sized tile that the selection then reads.
 - :func:`lookup_backward`: both gradients of a weighted lookup from one pass over each touched row's occurrences
   (sorted by ``torch.sort``): each occurrence's output-gradient row is read once, for its weight's dot with the value
   row and for the row's gradient sum. Replaces an embedding bag over the segments plus a sampled matmul.
@@ -35,7 +36,7 @@ from memlm.model.memory.cpu_kernels._base import FLOATS, available, numba
 from memlm.model.memory.cpu_kernels.adam import adam_rows_
 from memlm.model.memory.cpu_kernels.lookup import lookup_backward, row_dots, segments
 from memlm.model.memory.cpu_kernels.norm import rms_norm
-from memlm.model.memory.cpu_kernels.topk import SCORING_MAX_HALF, product_topk, search_backward, topk_of_half_scores
+from memlm.model.memory.cpu_kernels.topk import CHUNK_MAX_HALF, product_topk, search_backward, topk_of_half_scores
 
-__all__ = ["FLOATS", "SCORING_MAX_HALF", "adam_rows_", "available", "lookup_backward", "numba", "product_topk",
+__all__ = ["CHUNK_MAX_HALF", "FLOATS", "adam_rows_", "available", "lookup_backward", "numba", "product_topk",
            "rms_norm", "row_dots", "search_backward", "segments", "topk_of_half_scores"]  # fmt: skip

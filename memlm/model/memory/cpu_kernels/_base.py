@@ -14,6 +14,40 @@ try:  # optional at import time: the PyTorch paths stay complete without it
 except ImportError:  # pragma: no cover - exercised where numba is not installed
     numba = None
 
+if numba is not None:
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def prefetch_row(typingctx, arr, row):
+        """A software prefetch (read, keep in all cache levels) of every 64-byte line of ``arr[row]``, for a 2-D
+        C-contiguous array: a row gathered by id is the next thing a kernel will read, and the hardware prefetcher
+        cannot guess it. A hint only: it never faults, so the row id need not be valid."""
+        if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C"):
+            return None
+        sig = types.void(arr, row)
+
+        def codegen(context, builder, signature, args):
+            aty, ity = signature.args
+            ary = context.make_array(aty)(context, builder, args[0])
+            i64, i32, i8p = ir.IntType(64), ir.IntType(32), ir.IntType(8).as_pointer()
+            r = context.cast(builder, args[1], ity, types.intp)
+            width = builder.extract_value(ary.shape, 1)
+            item = context.get_abi_sizeof(context.get_data_type(aty.dtype))
+            start = builder.mul(builder.mul(r, width), ir.Constant(i64, item))  # byte offset of the row
+            base = builder.bitcast(ary.data, i8p)
+            nbytes = builder.mul(width, ir.Constant(i64, item))
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                "llvm.prefetch")  # fmt: skip
+            with cgutils.for_range_slice(builder, ir.Constant(i64, 0), nbytes, ir.Constant(i64, 64)) as (off, _):
+                addr = builder.gep(base, [builder.add(start, off)])
+                builder.call(fn, [addr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+
 FLOATS = (torch.float32, torch.float64)
 
 

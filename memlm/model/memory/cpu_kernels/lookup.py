@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from memlm.model.memory.cpu_kernels._base import _np, _threads, numba
+from memlm.model.memory.cpu_kernels._base import _np, _threads, numba, prefetch_row
 
 if numba is not None:
     import numpy as np
@@ -12,13 +12,19 @@ if numba is not None:
 
     # dots: reassociation lets LLVM vectorize the reduction (the sum's order differs from a sequential one by rounding)
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-    def _lookup_backward_kernel(table, grad_out, bags, occ_w, starts, uniq, grad_rows, occ_dots, want_rows, want_dots):
+    def _lookup_backward_kernel(
+        table, grad_out, bags, occ_w, starts, uniq, grad_rows, occ_dots, want_rows, want_dots, ahead
+    ):
         """Per touched row u (its occurrences o in [starts[u], starts[u + 1]), bag bags[o], weight occ_w[o]):
         grad_rows[u] = sum_o occ_w[o] grad_out[bags[o]] and occ_dots[o] = <table[uniq[u]], grad_out[bags[o]]>,
-        both from one read of each grad_out row. ``table`` is read only when ``want_dots``."""
+        both from one read of each grad_out row. ``table`` is read only when ``want_dots``; its row ``ahead`` rows
+        on is prefetched (0: none)."""
         d = grad_out.shape[1]
         zero = np.zeros(1, grad_out.dtype)[0]  # accumulate in the table's dtype
-        for u in prange(uniq.shape[0]):
+        u_count = uniq.shape[0]
+        for u in prange(u_count):
+            if want_dots and ahead > 0 and u + ahead < u_count:
+                prefetch_row(table, uniq[u + ahead])
             out = grad_rows[u] if want_rows else grad_rows[0]  # (a placeholder row, never written)
             if want_rows:
                 for j in range(d):
@@ -57,6 +63,11 @@ if numba is not None:
                 out[m, c] = dot
 
 
+# rows gathered by id are prefetched this many rows ahead (the hardware prefetcher cannot guess them): 15-30 % off a
+# pass of dots over 65k rows of a 128 MB table in sorted order on the development machine
+PREFETCH_AHEAD = 4
+
+
 def segments(indices: torch.Tensor):
     """The occurrences of each touched row of (M, K) ``indices``: (sorted unique rows (U,), bag of each occurrence
     grouped by row (L,), their positions in the flat (M*K) indices (L,), segment starts (U + 1,)). Plain torch, any
@@ -87,7 +98,7 @@ def lookup_backward(table, indices, weights, grad_out, want_rows: bool, want_dot
     occ_dots = grad_out.new_empty(perm.numel() if want_dots else 0)
     _threads()
     _lookup_backward_kernel(_np(table), _np(grad_out), _np(bags), _np(occ_w), _np(starts), _np(uniq), _np(grad_rows),
-                            _np(occ_dots), want_rows, want_dots)  # fmt: skip
+                            _np(occ_dots), want_rows, want_dots, PREFETCH_AHEAD)  # fmt: skip
     grad_w = None
     if want_dots:
         grad_w = grad_out.new_empty(m * k).index_copy_(0, perm, occ_dots).view(m, k)

@@ -32,14 +32,15 @@ if numba is not None:
         k candidates in one branch-free pass; if fewer than k pass, every score is a candidate. Then an insertion
         sort of the candidates into (k,)."""
         n = row.shape[0]
-        total = 0.0
-        sq = 0.0
+        total = row[0] - row[0]  # zero in the scores' dtype (a float64 sum of float32 scores does not vectorize)
+        sq = total
         for j in range(n):
-            total += row[j]
-            sq += row[j] * row[j]
+            x = row[j]
+            total += x
+            sq += x * x
         mean = total / n
-        var = max(sq / n - mean * mean, 0.0)
-        thr = mean + z * math.sqrt(var)
+        var = sq / n - mean * mean
+        thr = mean + z * math.sqrt(var if var > 0 else var - var)
         c = 0
         for j in range(n):  # branch-free compaction of the scores above the threshold
             x = row[j]
@@ -124,37 +125,6 @@ if numba is not None:
                 _top_sums(v1, i1, v2, i2, knn, n, out_scores[m, h], out_ids[m, h], hv, ha, hb)
 
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-    def _product_topk_scoring_kernel(q, keys_t, knn, z, out_scores, out_ids):
-        """:func:`_product_topk_kernel` that also computes the half scores: q (M, H, 2, half), keys_t (H, 2, half, n)
-        (sub-keys transposed, so a score row is ``half`` vectorized axpys over n). For small ``half``, where a BLAS
-        matmul runs far below its peak and the (H, 2, M, n) score tensor costs more to write than to compute."""
-        m_count, h_count, _, half = q.shape
-        n = keys_t.shape[3]
-        tasks = m_count * h_count
-        chunk = 64
-        for c0 in prange((tasks + chunk - 1) // chunk):
-            v1, v2 = np.empty(knn, q.dtype), np.empty(knn, q.dtype)
-            i1, i2 = np.empty(knn, np.int64), np.empty(knn, np.int64)
-            row = np.empty(n, q.dtype)
-            buf_v, buf_i = np.empty(n, q.dtype), np.empty(n, np.int64)
-            hv, ha, hb = np.empty(knn + 1, q.dtype), np.empty(knn + 1, np.int64), np.empty(knn + 1, np.int64)
-            for task in range(c0 * chunk, min(tasks, (c0 + 1) * chunk)):
-                h, m = task // m_count, task % m_count  # head-major: a head's sub-keys stay in cache
-                for side in range(2):
-                    qs, kt = q[m, h, side], keys_t[h, side]
-                    for j in range(n):
-                        row[j] = qs[0] * kt[0, j]
-                    for d in range(1, half):
-                        qd = qs[d]
-                        for j in range(n):
-                            row[j] += qd * kt[d, j]
-                    if side == 0:
-                        _row_topk(row, knn, z, v1, i1, buf_v, buf_i)
-                    else:
-                        _row_topk(row, knn, z, v2, i2, buf_v, buf_i)
-                _top_sums(v1, i1, v2, i2, knn, n, out_scores[m, h], out_ids[m, h], hv, ha, hb)
-
-    @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
     def _search_backward_kernel(q, keys, idx, g, grad_q, grad_k):
         """Gradients of the selected scores s[m, h, c] = <q[m, h, 0], K[h, 0, i]> + <q[m, h, 1], K[h, 1, j]> (slot
         idx = i * n + j) given g = d loss / d s: grad_q[m, h, side] = sum_c g K[h, side, sub_c] and grad_k[h, side,
@@ -184,9 +154,12 @@ if numba is not None:
                         gr[j] += w * qs[j]
 
 
-# query half widths up to which product_topk computes the scores inside its kernel instead of a batched matmul
-# (BLAS reaches ~1/3 of its peak at inner width 32 on CPU, and writing the score tensor costs more than the dots)
-SCORING_MAX_HALF = 32
+# query half widths up to which product_topk scores the queries in cache-sized chunks (one batched matmul per chunk
+# into a reused tile, then the selection), instead of one matmul over the whole batch. At small inner widths the
+# whole batch's score tensor (tens of MB of fresh pages) costs more than the dots, while a batched GEMM of plain
+# contiguous (C, half) x (half, n_keys) matrices runs near the BLAS peak.
+CHUNK_MAX_HALF = 32
+TILE_BYTES = 2 << 20  # the chunk's (H, 2, C, n_keys) score tile: about this size, so it stays in cache
 
 
 @functools.cache
@@ -202,23 +175,32 @@ def product_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.T
     (..., H, knn), scores descending (the same result as ``product_topk_halves`` of the dense scores, up to ties
     and the rounding of the score dot products).
 
-    The dense scores are one batched matmul laid out (H, 2, M, n_keys), so each half's row is contiguous; for
-    ``half <= SCORING_MAX_HALF`` the kernel computes each score row itself."""
+    The dense scores are laid out (H, 2, M, n_keys), so each half's row is contiguous: one batched matmul for wide
+    halves, and for ``half <= CHUNK_MAX_HALF`` one per chunk of queries into a cache-sized tile."""
     lead, h, half = q.shape[:-3], q.shape[-3], q.shape[-1]
     n = keys.shape[2]
-    if half <= SCORING_MAX_HALF:  # scores computed inside the kernel (small inner width)
-        if not 1 <= knn <= n:
-            raise ValueError(f"knn = {knn} must be in [1, {n}] (the sub-keys per half)")
-        q4 = q.detach().reshape(-1, h, 2, half).contiguous()
-        scores = q4.new_empty(q4.shape[0], h, knn)
-        ids = torch.empty(q4.shape[0], h, knn, dtype=torch.int64)
-        keys_t = keys.detach().to(q4.dtype).transpose(-1, -2).contiguous()  # (H, 2, half, n)
-        _threads()
-        _product_topk_scoring_kernel(_np(q4), _np(keys_t), knn, _threshold_z(n, knn), _np(scores), _np(ids))
+    if half > CHUNK_MAX_HALF:
+        qf = q.reshape(-1, h, 2, half).permute(1, 2, 0, 3)  # (H, 2, M, half)
+        s = torch.matmul(qf, keys.transpose(-1, -2))  # (H, 2, M, n) contiguous
+        scores, ids = topk_of_half_scores(s, knn)  # (M, H, knn)
         return scores.view(*lead, h, knn), ids.view(*lead, h, knn)
-    qf = q.reshape(-1, h, 2, half).permute(1, 2, 0, 3)  # (H, 2, M, half)
-    s = torch.matmul(qf, keys.transpose(-1, -2))  # (H, 2, M, n) contiguous
-    scores, ids = topk_of_half_scores(s, knn)  # (M, H, knn)
+    if not 1 <= knn <= n:
+        raise ValueError(f"knn = {knn} must be in [1, {n}] (the sub-keys per half)")
+    qd = q.detach()
+    m = qd.numel() // (2 * h * half)
+    qt = qd.reshape(m, 2 * h, half).transpose(0, 1).contiguous()  # (2H, M, half): one matrix per (head, half)
+    kt = keys.detach().to(qd.dtype).reshape(2 * h, n, half).transpose(1, 2).contiguous()  # (2H, half, n)
+    scores = qd.new_empty(m, h, knn)
+    ids = torch.empty(m, h, knn, dtype=torch.int64)
+    chunk = max(1, min(m, TILE_BYTES // (2 * h * n * qd.element_size())))
+    tile = qd.new_empty(2 * h * chunk * n)
+    z = _threshold_z(n, knn)
+    _threads()
+    for m0 in range(0, m, chunk):
+        c = min(chunk, m - m0)
+        t = tile[: 2 * h * c * n].view(2 * h, c, n)
+        torch.bmm(qt[:, m0 : m0 + c], kt, out=t)
+        _product_topk_kernel(_np(t.view(h, 2, c, n)), knn, z, _np(scores[m0 : m0 + c]), _np(ids[m0 : m0 + c]))
     return scores.view(*lead, h, knn), ids.view(*lead, h, knn)
 
 

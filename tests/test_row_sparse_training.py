@@ -129,6 +129,15 @@ def test_clip_with_sparse_grads_matches_dense(max_norm):
     torch.testing.assert_close(other_sp.grad, other_dn.grad)
 
 
+def test_clip_with_a_nan_norm_poisons_every_gradient_as_torch_does():
+    """Nothing to clip is skipped on CPU, but a NaN norm is not 'nothing to clip': every gradient turns NaN."""
+    p, q = torch.nn.Parameter(torch.zeros(5, 2)), torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.tensor([[1.0, float("nan")], [2.0, 0.0]]), (5, 2))
+    q.grad = torch.ones(3)
+    assert clip_grad_norm_sparse_([p, q], 1e6).isnan()
+    assert q.grad.isnan().all() and p.grad.values().isnan().all()
+
+
 class _Watch(L.Callback):
     """Records the slots read in every step and whether the value gradient arrived sparse."""
 

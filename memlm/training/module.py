@@ -209,7 +209,8 @@ def clip_grad_norm_sparse_(params: list[torch.nn.Parameter], max_norm: float | N
     if max_norm is not None:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         # a CPU scalar is read for free (a GPU one would sync): skip the pass over every gradient when it is x 1
-        if coef.device.type != "cpu" or float(coef) < 1.0:
+        # (a NaN norm still multiplies, as torch's clip does)
+        if coef.device.type != "cpu" or float(coef) != 1.0:
             for p in params:
                 (p.grad.values() if p.grad.is_sparse else p.grad).mul_(coef.to(p.grad.dtype))
     return total

@@ -14,6 +14,11 @@ try:  # optional at import time: the PyTorch paths stay complete without it
 except ImportError:  # pragma: no cover - exercised where numba is not installed
     numba = None
 
+# rows gathered by id are prefetched this many rows ahead (the hardware prefetcher cannot guess them). On the
+# development machine: 15-35 % off the lookup backward's and the lazy Adam step's kernels over 57k of 262k rows of
+# 128-wide fp32 tables, cold cache, in one process (4 and 8 rows ahead did equally well)
+PREFETCH_AHEAD = 4
+
 if numba is not None:
     from llvmlite import ir
     from numba.core import cgutils, types

@@ -6,8 +6,7 @@ import math
 
 import torch
 
-from memlm.model.memory.cpu_kernels._base import _np, _threads, numba, prefetch_row
-from memlm.model.memory.cpu_kernels.lookup import PREFETCH_AHEAD
+from memlm.model.memory.cpu_kernels._base import PREFETCH_AHEAD, _np, _threads, numba, prefetch_row
 
 if numba is not None:
     import numpy as np

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from memlm.model.memory.cpu_kernels._base import _np, _threads, numba, prefetch_row
+from memlm.model.memory.cpu_kernels._base import PREFETCH_AHEAD, _np, _threads, numba, prefetch_row
 
 if numba is not None:
     import numpy as np
@@ -61,11 +61,6 @@ if numba is not None:
                 for j in range(d):
                     dot += row[j] * xm[j]
                 out[m, c] = dot
-
-
-# rows gathered by id are prefetched this many rows ahead (the hardware prefetcher cannot guess them): 15-30 % off a
-# pass of dots over 65k rows of a 128 MB table in sorted order on the development machine
-PREFETCH_AHEAD = 4
 
 
 def segments(indices: torch.Tensor):

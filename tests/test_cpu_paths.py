@@ -1,5 +1,8 @@
 """The CPU fast paths of the memory layers against plain references: row dots by sampled matmul, the staircase top-k
-of the product grid, and sparse gradients re-flagged coalesced instead of re-sorted."""
+of the product grid, and sparse gradients re-flagged coalesced instead of re-sorted; and the layers without numba."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -96,3 +99,17 @@ def test_staircase_cache_made_under_inference_mode_still_trains():
 def test_row_dot_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="leading shape"):
         values.row_dot(torch.randn(5, 4), torch.zeros(2, 3, 2, dtype=torch.long), torch.randn(2, 1, 4))
+
+
+def test_memory_layers_import_and_run_without_numba():
+    """numba is optional at import time: with it blocked, the kernels are off and a layer runs its PyTorch path."""
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import torch\n"
+        "from memlm.config import MemoryConfig\n"
+        "from memlm.model.memory import ProductKeyMemory, cpu_kernels\n"
+        "assert not cpu_kernels.available()\n"
+        "layer = ProductKeyMemory(16, MemoryConfig(kind='memory_plus', n_keys=8, heads=2, knn=4, k_dim=16))\n"
+        "layer(torch.randn(1, 3, 16)).sum().backward()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,11 +6,13 @@ import math
 
 import torch
 
-from memlm.model.memory.cpu_kernels._base import PREFETCH_AHEAD, _np, _threads, numba, prefetch_row
+from memlm.model.memory.cpu_kernels._base import PREFETCH_AHEAD, _np, _threads, numba
 
 if numba is not None:
     import numpy as np
     from numba import njit, prange
+
+    from memlm.model.memory.cpu_kernels._base import prefetch_row
 
     @njit(parallel=True, cache=True)
     def _adam_rows_kernel(param, exp_avg, exp_avg_sq, rows, grad, step_size, bc2_sqrt, beta2, omb1, omb2, eps, ahead):

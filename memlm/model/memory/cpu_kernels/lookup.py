@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from memlm.model.memory.cpu_kernels._base import PREFETCH_AHEAD, _np, _threads, numba, prefetch_row
+from memlm.model.memory.cpu_kernels._base import PREFETCH_AHEAD, _np, _threads, numba
 
 if numba is not None:
     import numpy as np
     from numba import njit, prange
+
+    from memlm.model.memory.cpu_kernels._base import prefetch_row
 
     # dots: reassociation lets LLVM vectorize the reduction (the sum's order differs from a sequential one by rounding)
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})

@@ -162,6 +162,11 @@ CHUNK_MAX_HALF = 32
 TILE_BYTES = 2 << 20  # the chunk's (H, 2, C, n_keys) score tile: about this size, so it stays in cache
 
 
+def _check_knn(knn: int, n: int) -> None:
+    if not 1 <= knn <= n:
+        raise ValueError(f"knn = {knn} must be in [1, {n}] (the sub-keys per half)")
+
+
 @functools.cache
 def _threshold_z(n: int, knn: int) -> float:
     """z with P(N(0, 1) > z) = (1.5 knn + 8) / n: the threshold of :func:`_row_topk` lets ~1.5 knn + 8 of a
@@ -184,8 +189,7 @@ def product_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.T
         s = torch.matmul(qf, keys.transpose(-1, -2))  # (H, 2, M, n) contiguous
         scores, ids = topk_of_half_scores(s, knn)  # (M, H, knn)
         return scores.view(*lead, h, knn), ids.view(*lead, h, knn)
-    if not 1 <= knn <= n:
-        raise ValueError(f"knn = {knn} must be in [1, {n}] (the sub-keys per half)")
+    _check_knn(knn, n)
     qd = q.detach()
     m = qd.numel() // (2 * h * half)
     qt = qd.reshape(m, 2 * h, half).transpose(0, 1).contiguous()  # (2H, M, half): one matrix per (head, half)
@@ -207,8 +211,7 @@ def product_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.T
 def topk_of_half_scores(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Half scores (H, 2, M, n_keys) -> the top-``knn`` slot scores and ids (M, H, knn), scores descending."""
     h, _, m, n = s.shape
-    if not 1 <= knn <= n:
-        raise ValueError(f"knn = {knn} must be in [1, {n}] (the sub-keys per half)")
+    _check_knn(knn, n)
     s = s.contiguous()
     scores = s.new_empty(m, h, knn)
     ids = torch.empty(m, h, knn, dtype=torch.int64)

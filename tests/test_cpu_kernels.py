@@ -57,8 +57,8 @@ def test_product_topk_is_exact_on_rows_that_are_not_gaussian(make):
 
 @pytest.mark.parametrize(
     "half,tile_bytes",
-    [(16, None), (cpu_kernels.CHUNK_MAX_HALF, None), (cpu_kernels.CHUNK_MAX_HALF + 8, None), (16, 3000), (8, 1)],
-)
+    [(16, None), (cpu_kernels.CHUNK_MAX_HALF, None), (cpu_kernels.CHUNK_MAX_HALF + 8, None), (16, 4000), (8, 1)],
+)  # 4000 bytes: tiles of 5 of the 24 queries, the last of 4; 1 byte: tiles of one query
 def test_product_topk_from_queries_matches_the_torch_search(half, tile_bytes, monkeypatch):
     """Both ways of scoring: chunks of queries into a tile (narrow halves; also tiles of a few queries, the last one
     partial, and of one query) and one batched matmul (wide halves)."""

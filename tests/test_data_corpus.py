@@ -183,3 +183,26 @@ def test_datamodule_workers_and_too_short_corpus(tmp_path):
     dm.prepare_data()
     with pytest.raises(DataError, match="too few for seq_len=64"):
         dm.setup("fit")
+
+
+def test_two_builds_of_the_same_token_file_at_once_do_not_collide(tmp_path):
+    """Runs sharing a cache (e.g. a ladder's parallel jobs) can pack the same file at the same time: each writes a
+    temp file of its own. Here a second build runs to completion in the middle of the first one."""
+    import numpy as np
+
+    from memlm.data.datamodule import _write_stream
+
+    path = tmp_path / "train.bin"
+
+    class Tok:  # encodes a document as its length; the first batch of the outer build starts the inner one
+        nested = False
+
+        def encode_batch(self, docs, bos, eos):
+            if not Tok.nested:
+                Tok.nested = True
+                assert _write_stream(path, ["xy", "z"], Tok(), np.dtype(np.uint16), "inner") == 2
+            return [[len(d)] for d in docs]
+
+    assert _write_stream(path, ["abc", "de", "f"], Tok(), np.dtype(np.uint16), "outer") == 3
+    assert np.fromfile(path, dtype=np.uint16).tolist() == [3, 2, 1]  # the last build to finish wins, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin"]  # no temp file left behind

@@ -25,6 +25,7 @@ from memlm.data.cache import atomic_write_json, cache_root, sha256_json
 from memlm.data.corpus import Corpus, build_corpus
 from memlm.data.errors import DataError, log
 from memlm.data.tokenizer import Tokenizer
+from memlm.utils.atomic import atomic_write
 from memlm.utils.progress import LoopProgress
 
 FORMAT_VERSION = 1
@@ -70,18 +71,22 @@ class PackedTokens(Dataset):
 
 
 def _write_stream(path: Path, docs: list[str], tok: Tokenizer, dtype: np.dtype, desc: str) -> int:
-    """Encode ``docs`` in batches into ``path`` (via a temp file); returns the number of tokens."""
-    tmp = path.with_suffix(".tmp")
+    """Encode ``docs`` in batches into ``path`` (via a temp file of its own, so runs that share a cache and build the
+    same files at once do not collide); returns the number of tokens."""
     n = 0
-    with open(tmp, "wb") as f, LoopProgress(len(docs), desc, unit="doc") as bar:
-        for start in range(0, len(docs), 2048):
-            batch = docs[start : start + 2048]
-            ids = tok.encode_batch(batch, bos=True, eos=True)
-            flat = np.fromiter((i for seq in ids for i in seq), dtype=dtype)
-            f.write(flat.tobytes())
-            n += flat.size
-            bar.update(len(batch))
-    tmp.replace(path)
+
+    def write(f) -> None:
+        nonlocal n
+        with LoopProgress(len(docs), desc, unit="doc") as bar:
+            for start in range(0, len(docs), 2048):
+                batch = docs[start : start + 2048]
+                ids = tok.encode_batch(batch, bos=True, eos=True)
+                flat = np.fromiter((i for seq in ids for i in seq), dtype=dtype)
+                f.write(flat.tobytes())
+                n += flat.size
+                bar.update(len(batch))
+
+    atomic_write(path, write)
     return n
 
 

@@ -55,6 +55,50 @@ def test_product_topk_is_exact_on_rows_that_are_not_gaussian(make):
     assert torch.equal(sums, scores)
 
 
+def _spread_block(g: torch.Generator) -> torch.Tensor:
+    """80 of each row's 512 scores near 1 and the rest near 0: the threshold lets all 80 through (more than the
+    rank selection takes, so they are insertion-sorted)."""
+    s = torch.randn(2, 2, 8, 512, generator=g) * 1e-3
+    s[..., 100:180] += 1.0
+    return s
+
+
+@pytest.mark.parametrize(
+    "make,knn",
+    [
+        (lambda g: torch.randn(4, 2, 64, 512, generator=g), 8),  # ~10 % of the rows take the lower threshold
+        (lambda g: torch.randn(4, 2, 64, 512, generator=g), 32),
+        (lambda g: torch.randn(2, 2, 40, 200, generator=g), 8),  # 3 vector blocks of 64 and a scalar tail of 8
+        (_spread_block, 8),  # more candidates than RANK_MAX
+        (lambda g: torch.randn(2, 2, 8, 512, generator=g).round(decimals=1), 8),  # ties among the candidates
+    ],
+)
+def test_product_topk_selection_paths(make, knn):
+    """Each way a half's candidates are taken: the tight threshold, its retry, rank selection, insertion above
+    RANK_MAX, vector blocks with a scalar tail; ties keep the lower sub-key id first (as torch.topk here)."""
+    s = make(torch.Generator().manual_seed(knn))
+    n = s.shape[-1]
+    scores, ids = cpu_kernels.topk_of_half_scores(s, knn)
+    want, _ = _brute_topk(s, knn)
+    assert torch.equal(scores, want)
+    sums = s[:, 0].permute(1, 0, 2).gather(-1, ids // n) + s[:, 1].permute(1, 0, 2).gather(-1, ids % n)
+    assert torch.equal(sums, scores)
+    assert all(len(set(row)) == knn for row in ids.reshape(-1, knn).tolist())
+
+
+def test_product_topk_rows_with_nan_or_inf_get_valid_slots():
+    """A NaN or inf makes the row's threshold NaN: the whole row is insertion-sorted, and every slot id stays a
+    valid, distinct slot (the lookup indexes the value table with them unchecked)."""
+    s = torch.randn(2, 2, 6, 128, generator=torch.Generator().manual_seed(1))
+    s[0, 0, 0, 7] = float("nan")
+    s[1, 1, 2, :] = float("nan")
+    s[0, 1, 3, 9] = float("inf")
+    s[1, 0, 4, 11] = float("-inf")
+    _, ids = cpu_kernels.topk_of_half_scores(s, 8)
+    assert ((ids >= 0) & (ids < 128 * 128)).all()
+    assert all(len(set(row)) == 8 for row in ids.reshape(-1, 8).tolist())
+
+
 @pytest.mark.parametrize(
     "half,tile_bytes",
     [(16, None), (cpu_kernels.CHUNK_MAX_HALF, None), (cpu_kernels.CHUNK_MAX_HALF + 8, None), (16, 4000), (8, 1)],

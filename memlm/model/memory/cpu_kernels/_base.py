@@ -52,6 +52,52 @@ if numba is not None:
 
         return sig, codegen
 
+    MASK_WIDTH = 64  # the scores one above_mask call compares
+
+    @intrinsic
+    def above_mask(typingctx, arr, start, thr):
+        """A uint64 whose bit j says ``arr[start + j] > thr`` (j < 64; False for NaN) for a 1-D C-contiguous float
+        array, which must hold the 64 elements from ``start``: one vector compare and a sign-bit gather per 8 floats
+        (vcmpps + vmovmskps on AVX2), where a scalar loop spends a branch or a store on every score."""
+        if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"):
+            return None
+        if not isinstance(arr.dtype, types.Float):
+            return None
+        sig = types.uint64(arr, start, thr)
+
+        def codegen(context, builder, signature, args):
+            aty, sty, tty = signature.args
+            ary = context.make_array(aty)(context, builder, args[0])
+            fty = context.get_data_type(aty.dtype)
+            vty = ir.VectorType(fty, MASK_WIDTH)
+            first = builder.gep(ary.data, [context.cast(builder, args[1], sty, types.intp)])
+            item = context.get_abi_sizeof(fty)
+            block = builder.load(builder.bitcast(first, vty.as_pointer()), align=item)  # an unaligned load
+            t = context.cast(builder, args[2], tty, aty.dtype)
+            splat = ir.Constant(vty, ir.Undefined)
+            for i in range(MASK_WIDTH):
+                splat = builder.insert_element(splat, t, ir.Constant(ir.IntType(32), i))
+            bits = builder.fcmp_ordered(">", block, splat)  # ordered: NaN compares False, as `x > thr` does
+            return builder.bitcast(bits, ir.IntType(MASK_WIDTH))
+
+        return sig, codegen
+
+    @intrinsic
+    def lowest_bit(typingctx, x):
+        """The index of the lowest set bit of a nonzero uint64 (``llvm.cttz``: one tzcnt / bsf)."""
+        if not isinstance(x, types.Integer):
+            return None
+        sig = types.uint64(x)
+
+        def codegen(context, builder, signature, args):
+            i64 = ir.IntType(64)
+            v = context.cast(builder, args[0], signature.args[0], types.uint64)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]),
+                                                "llvm.cttz.i64")  # fmt: skip
+            return builder.call(fn, [v, ir.Constant(ir.IntType(1), 1)])  # 1: undefined for 0 (never passed)
+
+        return sig, codegen
+
 
 FLOATS = (torch.float32, torch.float64)
 

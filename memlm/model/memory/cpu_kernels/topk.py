@@ -10,9 +10,14 @@ import torch
 
 from memlm.model.memory.cpu_kernels._base import _np, _threads, numba
 
+# candidates up to which a half's top-k ranks them branch-free (O(c^2) compares) instead of insertion-sorting them
+RANK_MAX = 64
+
 if numba is not None:
     import numpy as np
     from numba import njit, prange
+
+    from memlm.model.memory.cpu_kernels._base import MASK_WIDTH, above_mask, lowest_bit
 
     @njit(inline="always")
     def _insert(vals, ids, p, x, i):
@@ -26,11 +31,61 @@ if numba is not None:
         ids[p] = i
 
     @njit(inline="always")
-    def _row_topk(row, k, z, vals, ids, buf_v, buf_i):
-        """vals, ids (k,) <- the top-k of ``row`` (n,), descending. Exact for any data: a threshold from the row's
-        mean and std (mean + z std; z is chosen so that ~1.5 k scores of a Gaussian row pass) keeps a few more than
-        k candidates in one branch-free pass; if fewer than k pass, every score is a candidate. Then an insertion
-        sort of the candidates into (k,)."""
+    def _compact(row, thr, buf_v, buf_i):
+        """buf_v, buf_i <- the scores of ``row`` above ``thr`` and their ids, in id order; returns their count. 64
+        scores per vector compare (:func:`above_mask`), then one store per set bit; the tail scalar, branch-free."""
+        n = row.shape[0]
+        c = 0
+        full = n - n % MASK_WIDTH
+        for b in range(0, full, MASK_WIDTH):
+            bits = above_mask(row, b, thr)
+            while bits:
+                j = b + lowest_bit(bits)
+                bits &= bits - np.uint64(1)
+                buf_v[c] = row[j]
+                buf_i[c] = j
+                c += 1
+        for j in range(full, n):
+            x = row[j]
+            buf_v[c] = x
+            buf_i[c] = j
+            c += x > thr
+        return c
+
+    @njit(inline="always")
+    def _rank_select(c, k, buf_v, buf_i, vals, ids, rank):
+        """vals, ids[: k] <- the top-k of the c (>= k, none NaN) candidates, descending, branch-free: a candidate's
+        rank is the number of candidates above it (ties: the earlier, lower id, first), and it is written to slot
+        rank, or to the spare slot k when rank >= k. O(c^2) compares, which vectorize."""
+        for i in range(c):
+            rank[i] = 0
+        for j in range(c):
+            xj = buf_v[j]
+            for i in range(c):
+                xi = buf_v[i]
+                rank[i] += (xj > xi) | ((xj == xi) & (j < i))
+        for i in range(c):
+            r = rank[i]
+            d = r if r < k else k
+            vals[d] = buf_v[i]
+            ids[d] = buf_i[i]
+
+    @njit(inline="always")
+    def _insertion_select(c, k, buf_v, buf_i, vals, ids):
+        """vals, ids[: k] <- the top-k of the c (>= k) candidates, descending, by insertion (any c, NaN included)."""
+        for j in range(k):
+            _insert(vals, ids, j, buf_v[j], buf_i[j])
+        for j in range(k, c):
+            if buf_v[j] > vals[k - 1]:
+                _insert(vals, ids, k - 1, buf_v[j], buf_i[j])
+
+    @njit(inline="always")
+    def _row_topk(row, k, z_tight, z_loose, vals, ids, buf_v, buf_i, rank):
+        """vals, ids[: k] (of k + 1: slot k is scratch) <- the top-k of ``row`` (n,), descending. Exact for any
+        data. A threshold mean + z std from the row's mean and std lets a few more than k of a Gaussian row's scores
+        through (``z_tight``: ~k + 4); when fewer than k pass, a lower one (``z_loose``: ~1.5 k + 8), then every
+        score. Up to RANK_MAX candidates are ranked branch-free, more are insertion-sorted. (A NaN or inf in the
+        row makes the threshold NaN, so no score passes and the whole row is insertion-sorted, as before.)"""
         n = row.shape[0]
         total = row[0] - row[0]  # zero in the scores' dtype (a float64 sum of float32 scores does not vectorize)
         sq = total
@@ -40,23 +95,19 @@ if numba is not None:
             sq += x * x
         mean = total / n
         var = sq / n - mean * mean
-        thr = mean + z * math.sqrt(var if var > 0 else var - var)
-        c = 0
-        for j in range(n):  # branch-free compaction of the scores above the threshold
-            x = row[j]
-            buf_v[c] = x
-            buf_i[c] = j
-            c += x > thr
+        sd = math.sqrt(var if var > 0 else var - var)
+        c = _compact(row, mean + z_tight * sd, buf_v, buf_i)
+        if c < k:
+            c = _compact(row, mean + z_loose * sd, buf_v, buf_i)
         if c < k:  # too few passed (a non-Gaussian row): every score is a candidate
             for j in range(n):
                 buf_v[j] = row[j]
                 buf_i[j] = j
-            c = n
-        for j in range(k):  # insertion sort of the first k candidates
-            _insert(vals, ids, j, buf_v[j], buf_i[j])
-        for j in range(k, c):  # the rest: inserted only if it beats the current k-th
-            if buf_v[j] > vals[k - 1]:
-                _insert(vals, ids, k - 1, buf_v[j], buf_i[j])
+            _insertion_select(n, k, buf_v, buf_i, vals, ids)
+        elif c <= RANK_MAX:  # candidates passed x > thr, so none is NaN and the ranks are a permutation
+            _rank_select(c, k, buf_v, buf_i, vals, ids, rank)
+        else:
+            _insertion_select(c, k, buf_v, buf_i, vals, ids)
 
     @njit(inline="always")
     def _sift_down(hv, ha, hb, size):
@@ -107,21 +158,21 @@ if numba is not None:
                 size += 1
 
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-    def _product_topk_kernel(s, knn, z, out_scores, out_ids):
+    def _product_topk_kernel(s, knn, z_tight, z_loose, out_scores, out_ids):
         """s (H, 2, M, n) half scores -> out_scores, out_ids (M, H, knn): the top-knn slot scores and ids i * n + j.
         (fastmath only lets the mean / std sums vectorize; every comparison is on the exact scores.)"""
         h_count, _, m_count, n = s.shape
         tasks = m_count * h_count
         chunk = 64  # scratch buffers allocated once per chunk of (token, head) tasks
         for c0 in prange((tasks + chunk - 1) // chunk):
-            v1, v2 = np.empty(knn, s.dtype), np.empty(knn, s.dtype)
-            i1, i2 = np.empty(knn, np.int64), np.empty(knn, np.int64)
-            buf_v, buf_i = np.empty(n, s.dtype), np.empty(n, np.int64)
+            v1, v2 = np.empty(knn + 1, s.dtype), np.empty(knn + 1, s.dtype)  # slot knn: _rank_select's spare
+            i1, i2 = np.empty(knn + 1, np.int64), np.empty(knn + 1, np.int64)
+            buf_v, buf_i, rank = np.empty(n, s.dtype), np.empty(n, np.int64), np.empty(n, np.int32)
             hv, ha, hb = np.empty(knn + 1, s.dtype), np.empty(knn + 1, np.int64), np.empty(knn + 1, np.int64)
             for task in range(c0 * chunk, min(tasks, (c0 + 1) * chunk)):
                 m, h = task // h_count, task % h_count
-                _row_topk(s[h, 0, m], knn, z, v1, i1, buf_v, buf_i)
-                _row_topk(s[h, 1, m], knn, z, v2, i2, buf_v, buf_i)
+                _row_topk(s[h, 0, m], knn, z_tight, z_loose, v1, i1, buf_v, buf_i, rank)
+                _row_topk(s[h, 1, m], knn, z_tight, z_loose, v2, i2, buf_v, buf_i, rank)
                 _top_sums(v1, i1, v2, i2, knn, n, out_scores[m, h], out_ids[m, h], hv, ha, hb)
 
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
@@ -167,12 +218,18 @@ def _check_knn(knn: int, n: int) -> None:
         raise ValueError(f"knn = {knn} must be in [1, {n}] (the sub-keys per half)")
 
 
-@functools.cache
-def _threshold_z(n: int, knn: int) -> float:
-    """z with P(N(0, 1) > z) = (1.5 knn + 8) / n: the threshold of :func:`_row_topk` lets ~1.5 knn + 8 of a
-    Gaussian row's n scores through (-inf: all of them, when that is most of the row anyway)."""
-    frac = (1.5 * knn + 8) / n
+def _z_passing(n: int, expected: float) -> float:
+    """z with P(N(0, 1) > z) = expected / n: mean + z std lets ~``expected`` of a Gaussian row's n scores through
+    (-inf: all of them, when that is most of the row anyway)."""
+    frac = expected / n
     return -math.inf if frac >= 0.5 else statistics.NormalDist().inv_cdf(1 - frac)
+
+
+@functools.cache
+def _thresholds_z(n: int, knn: int) -> tuple[float, float]:
+    """:func:`_row_topk`'s two thresholds: ~knn + 4 candidates of a Gaussian row (fewer than knn pass in ~10 % of
+    rows at knn = 8), and ~1.5 knn + 8 for the retry."""
+    return _z_passing(n, knn + 4), _z_passing(n, 1.5 * knn + 8)
 
 
 def product_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,13 +255,14 @@ def product_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.T
     ids = torch.empty(m, h, knn, dtype=torch.int64)
     chunk = max(1, min(m, TILE_BYTES // (2 * h * n * qd.element_size())))
     tile = qd.new_empty(2 * h * chunk * n)
-    z = _threshold_z(n, knn)
+    z_tight, z_loose = _thresholds_z(n, knn)
     _threads()
     for m0 in range(0, m, chunk):
         c = min(chunk, m - m0)
         t = tile[: 2 * h * c * n].view(2 * h, c, n)
         torch.bmm(qt[:, m0 : m0 + c], kt, out=t)
-        _product_topk_kernel(_np(t.view(h, 2, c, n)), knn, z, _np(scores[m0 : m0 + c]), _np(ids[m0 : m0 + c]))
+        _product_topk_kernel(_np(t.view(h, 2, c, n)), knn, z_tight, z_loose, _np(scores[m0 : m0 + c]),
+                             _np(ids[m0 : m0 + c]))  # fmt: skip
     return scores.view(*lead, h, knn), ids.view(*lead, h, knn)
 
 
@@ -216,7 +274,7 @@ def topk_of_half_scores(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.
     scores = s.new_empty(m, h, knn)
     ids = torch.empty(m, h, knn, dtype=torch.int64)
     _threads()
-    _product_topk_kernel(_np(s), knn, _threshold_z(n, knn), _np(scores), _np(ids))
+    _product_topk_kernel(_np(s), knn, *_thresholds_z(n, knn), _np(scores), _np(ids))
     return scores, ids
 
 

@@ -7,10 +7,10 @@ Stock PyTorch runs these steps as chains of mid-size ops, each a full pass over 
 passes, not the arithmetic, are the cost. Each kernel here is one pass, parallel over rows:
 
 - :func:`product_topk`: the exact product-key top-k from the two halves' dense scores: each half's top-k (a
-  threshold pass keeps a few more than k candidates, which are insertion-sorted), then the top-k pair sums, in order,
-  from a heap frontier over the two sorted lists, written as slot ids. Replaces ``torch.topk`` on both halves, the
-  staircase candidate sums and a second ``torch.topk``. Narrow query halves are scored in chunks of queries, each
-  chunk's batched matmul writing a cache-sized tile that the selection then reads.
+  threshold pass, 64 scores per vector compare mask, keeps a few more than k candidates, which are ranked), then the
+  top-k pair sums, in order, from a heap frontier over the two sorted lists, written as slot ids. Replaces
+  ``torch.topk`` on both halves, the staircase candidate sums and a second ``torch.topk``. Narrow query halves are
+  scored in chunks of queries, each chunk's batched matmul writing a cache-sized tile that the selection then reads.
 - :func:`lookup_backward`: both gradients of a weighted lookup from one pass over each touched row's occurrences
   (sorted by ``torch.sort``): each occurrence's output-gradient row is read once, for its weight's dot with the value
   row and for the row's gradient sum. Replaces an embedding bag over the segments plus a sampled matmul.

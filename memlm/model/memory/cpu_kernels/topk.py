@@ -180,7 +180,11 @@ if numba is not None:
         """Gradients of the selected scores s[m, h, c] = <q[m, h, 0], K[h, 0, i]> + <q[m, h, 1], K[h, 1, j]> (slot
         idx = i * n + j) given g = d loss / d s: grad_q[m, h, side] = sum_c g K[h, side, sub_c] and grad_k[h, side,
         sub] = sum of g q[m, h, side] over the (m, c) that selected sub. One task per (head, side): it owns its slice
-        of both outputs, so the sums need no sort and no atomics (and run in a fixed order)."""
+        of both outputs, so the sums need no sort and no atomics (and run in a fixed order). Per query the sub-key
+        ids are decoded once, and the query gradient is summed in a task-local row: written into grad_q in the same
+        loop as the sub-key rows, which LLVM cannot prove apart from it, it was reloaded and stored on every step
+        (this took the kernel from ~3.5 to ~2 ms at the tiny model's shape, 2 threads; the sums run in the same
+        order as before)."""
         m_count, h_count, _, half = q.shape
         n = keys.shape[2]
         knn = idx.shape[2]
@@ -188,21 +192,29 @@ if numba is not None:
         for task in prange(h_count * 2):
             h, side = task // 2, task % 2
             kk, gk = keys[h, side], grad_k[h, side]
+            acc = np.empty(half, q.dtype)
+            sub = np.empty(knn, np.int64)
             for r in range(n):
                 for j in range(half):
                     gk[r, j] = zero
             for m in range(m_count):
-                qs, gq = q[m, h, side], grad_q[m, h, side]
-                for j in range(half):
-                    gq[j] = zero
                 for c in range(knn):
                     slot = idx[m, h, c]
-                    sub = slot // n if side == 0 else slot % n
-                    w = g[m, h, c]
-                    kr, gr = kk[sub], gk[sub]
+                    sub[c] = slot // n if side == 0 else slot % n
+                for j in range(half):
+                    acc[j] = zero
+                for c in range(knn):
+                    w, kr = g[m, h, c], kk[sub[c]]
                     for j in range(half):
-                        gq[j] += w * kr[j]
+                        acc[j] += w * kr[j]
+                qs = q[m, h, side]
+                for c in range(knn):
+                    w, gr = g[m, h, c], gk[sub[c]]
+                    for j in range(half):
                         gr[j] += w * qs[j]
+                gq = grad_q[m, h, side]
+                for j in range(half):
+                    gq[j] = acc[j]
 
 
 # query half widths up to which product_topk scores the queries in cache-sized chunks (one batched matmul per chunk

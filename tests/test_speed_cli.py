@@ -53,6 +53,10 @@ def test_speed_cpu_targets_section_and_report(tmp_path):
     memlm_layers = [r for r in g["layers"] if r["layer"].startswith("memlm")]
     assert memlm_layers and all(r["ms"] > 0 for r in g["layers"])
     assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 and r["rows_touched"] > 0 for r in g["optimizer"])
+    for r in g["optimizer"]:  # bandwidths follow from the times: bytes moved / ms
+        d = 64  # the --quick table's width
+        assert r["sparse_gbs"] == pytest.approx(r["rows_touched"] * d * 4 * 7 / r["sparse_ms"] / 1e6)
+        assert r["copy_gbs"] > 0 and r["dense_gbs"] > 0
     dense = [r for r in g["training"] if r["model"].startswith("dense")]
     assert len(dense) == 2 and all(r["vs_dense"] == 1.0 for r in dense)
     from memlm.benchmarks.targets_report import labelled_tables, main, tables

@@ -7,7 +7,10 @@
    Target: memlm / PKM <= 0.7.
 2. the value table's optimizer step, 262,144 x 256 fp32, the rows that one batch's reads touch (uniform reads:
    the tiny model's batch and the layer benchmark's batch), the gradient flagged as autograd leaves it:
-   ``RowSparseAdam`` vs torch's fused dense Adam on the whole table. Target: <= 1.
+   ``RowSparseAdam`` vs torch's fused dense Adam on the whole table. Target: <= 1. As a diagnostic, each step's
+   effective memory bandwidth (the bytes Adam must move: the touched rows of the parameter and both moments read
+   and written, the gradient rows read) beside a plain copy of the table, timed in the same rounds: how close the
+   step is to the machine's memory limit, which more threads cannot raise.
 3. training tokens/s of the tiny Memory+ model with 262,144 slots (row-sparse values) vs its equal-FLOP dense twin
    (``dense_matched_config``, AdamW), 16 x 128 tokens per step. Target: >= 0.9.
 """
@@ -173,20 +176,32 @@ def _optimizer_case(args: argparse.Namespace) -> list[dict]:
             dense_p.grad = dense_grad
             dense.step()
 
+        copy_dst = torch.empty_like(dense_grad)
+
+        def copy() -> None:  # the bandwidth reference: read one table, write another
+            copy_dst.copy_(dense_grad)
+
+        row_bytes = d * 4  # fp32
+        sparse_bytes = rows.numel() * row_bytes * 7  # parameter, exp_avg, exp_avg_sq read and written; grad read
+        dense_bytes = n * row_bytes * 7
         for th in THREADS:
             torch.set_num_threads(th)
             ms = interleaved_ms({"row-sparse": sparse_step, "row-sparse + coalesce": recoalesce_step,
-                                 "dense fused": dense_step}, args.iters)  # fmt: skip
+                                 "dense fused": dense_step, "copy": copy}, args.iters)  # fmt: skip
             sparse_ms, dense_ms = ms["row-sparse"], ms["dense fused"]
+            copy_gbs = 2 * n * row_bytes / ms["copy"] / 1e6
             rows_out.append(dict(batch=label, rows_touched=rows.numel(), frac=rows.numel() / n, threads=th,
                                  sparse_ms=sparse_ms, coalesce_ms=ms["row-sparse + coalesce"] - sparse_ms,
-                                 dense_ms=dense_ms, vs_dense=sparse_ms / dense_ms))  # fmt: skip
+                                 dense_ms=dense_ms, vs_dense=sparse_ms / dense_ms, copy_gbs=copy_gbs,
+                                 sparse_gbs=sparse_bytes / sparse_ms / 1e6,
+                                 dense_gbs=dense_bytes / dense_ms / 1e6))  # fmt: skip
     print_table(
         f"(g2) value-table optimizer step, {n} x {d} fp32, rows of one batch's uniform reads (target: row-sparse <= "
-        "dense fused Adam on the whole table)",
-        ["batch", "rows", "frac", "threads", "row-sparse ms", "+coalesce ms", "dense ms", "x dense"],
+        "dense fused Adam on the whole table); GB/s: the bytes each step must move / its time, beside a table copy",
+        ["batch", "rows", "frac", "threads", "row-sparse ms", "+coalesce ms", "dense ms", "x dense", "row-sparse GB/s",
+         "dense GB/s", "copy GB/s"],
         [[r["batch"], str(r["rows_touched"]), r["frac"], str(r["threads"]), r["sparse_ms"], r["coalesce_ms"],
-          r["dense_ms"], r["vs_dense"]] for r in rows_out],
+          r["dense_ms"], r["vs_dense"], r["sparse_gbs"], r["dense_gbs"], r["copy_gbs"]] for r in rows_out],
     )  # fmt: skip
     return rows_out
 

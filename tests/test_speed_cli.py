@@ -63,6 +63,7 @@ def test_speed_cpu_targets_section_and_report(tmp_path):
 
     md = tables([out], [out, out])
     assert "1 run(s) before, 2 run(s) after" in md and "**optimizer**" in md and "**training**" in md
+    assert "**bandwidth**" in md and "| row-sparse |" in md
     three = labelled_tables({"v1": [out], "v2": [out], "v3": [out, out]})
     assert "| v2 | v3 |" in three and "2 run(s) v3" in three
     with pytest.raises(SystemExit):  # no runs given

@@ -16,11 +16,12 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+PARTS = ("layers", "optimizer", "bandwidth", "training")  # bandwidth: the optimizer runs' diagnostic
+
 
 def _ratios(paths: list[Path]) -> dict[str, dict[tuple, list[float]]]:
-    """{part: {(case..., threads): [ratio of each run]}} for the three parts of section g."""
-    out: dict[str, dict[tuple, list[float]]] = {"layers": defaultdict(list), "optimizer": defaultdict(list),
-                                                "training": defaultdict(list)}  # fmt: skip
+    """{part: {(case..., threads): [ratio of each run]}} for the parts of section g."""
+    out: dict[str, dict[tuple, list[float]]] = {part: defaultdict(list) for part in PARTS}
     for p in paths:
         g = json.loads(p.read_text())["sections"]["g"]
         for r in g["layers"]:
@@ -28,6 +29,11 @@ def _ratios(paths: list[Path]) -> dict[str, dict[tuple, list[float]]]:
                 out["layers"][(r["slots"], r["layer"], r["threads"])].append(r["vs_peer"])
         for r in g["optimizer"]:
             out["optimizer"][(r["batch"], f"{r['frac']:.0%}", r["threads"])].append(r["vs_dense"])
+            for step in ("sparse", "dense"):  # runs since the bandwidth diagnostic: GB/s per step, of the copy's
+                if f"{step}_gbs" in r:
+                    key = (r["batch"], f"{r['frac']:.0%}", "row-sparse" if step == "sparse" else "dense fused",
+                           r["threads"])  # fmt: skip
+                    out["bandwidth"][key].append(r[f"{step}_gbs"] / r["copy_gbs"])
         for r in g["training"]:
             if not r["model"].startswith("dense"):
                 out["training"][(r["model"], r["threads"])].append(r["vs_dense"])
@@ -49,14 +55,17 @@ def labelled_tables(sets: dict[str, list[Path]]) -> str:
     """One column per labelled set of runs, in order."""
     ratios = {label: _ratios(paths) for label, paths in sets.items()}
     heads = {"layers": ("slots", "layer", "threads"), "optimizer": ("batch", "rows touched", "threads"),
-             "training": ("model", "threads")}  # fmt: skip
+             "bandwidth": ("batch", "rows touched", "step", "threads"), "training": ("model", "threads")}  # fmt: skip
     what = {"layers": "x PyPI layer (target <= 0.7 for pkm / memory_plus)",
             "optimizer": "row-sparse step x dense fused Adam (target <= 1)",
+            "bandwidth": "the step's GB/s (bytes Adam must move / time) x a table copy's GB/s (diagnostic)",
             "training": "tokens/s x dense twin (target >= 0.9)"}  # fmt: skip
     counts = ", ".join(f"{len(paths)} run(s) {label}" for label, paths in sets.items())
     lines = [f"Median over runs (range); {counts}.", ""]
     labels = list(sets)
-    for part in ("layers", "optimizer", "training"):
+    for part in PARTS:
+        if not any(ratios[label][part] for label in labels):  # runs from before the part existed
+            continue
         cols = [*heads[part], f"{labels[0]}: {what[part]}", *labels[1:]]
         lines += [f"**{part}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         keys = dict.fromkeys(k for label in reversed(labels) for k in ratios[label][part])

@@ -10,7 +10,7 @@
    ``RowSparseAdam`` vs torch's fused dense Adam on the whole table. Target: <= 1. As a diagnostic, each step's
    effective memory bandwidth (the bytes Adam must move: the touched rows of the parameter and both moments read
    and written, the gradient rows read) beside a plain copy of the table, timed in the same rounds: how close the
-   step is to the machine's memory limit, which more threads cannot raise.
+   step is to the machine's memory limit.
 3. training tokens/s of the tiny Memory+ model with 262,144 slots (row-sparse values) vs its equal-FLOP dense twin
    (``dense_matched_config``, AdamW), 16 x 128 tokens per step. Target: >= 0.9.
 """

@@ -29,11 +29,10 @@ def _ratios(paths: list[Path]) -> dict[str, dict[tuple, list[float]]]:
                 out["layers"][(r["slots"], r["layer"], r["threads"])].append(r["vs_peer"])
         for r in g["optimizer"]:
             out["optimizer"][(r["batch"], f"{r['frac']:.0%}", r["threads"])].append(r["vs_dense"])
-            for step in ("sparse", "dense"):  # runs since the bandwidth diagnostic: GB/s per step, of the copy's
-                if f"{step}_gbs" in r:
-                    key = (r["batch"], f"{r['frac']:.0%}", "row-sparse" if step == "sparse" else "dense fused",
-                           r["threads"])  # fmt: skip
-                    out["bandwidth"][key].append(r[f"{step}_gbs"] / r["copy_gbs"])
+            for field, step in (("sparse_gbs", "row-sparse"), ("dense_gbs", "dense fused")):
+                if field in r:  # runs since the bandwidth diagnostic: each step's GB/s as a multiple of the copy's
+                    key = (r["batch"], f"{r['frac']:.0%}", step, r["threads"])
+                    out["bandwidth"][key].append(r[field] / r["copy_gbs"])
         for r in g["training"]:
             if not r["model"].startswith("dense"):
                 out["training"][(r["model"], r["threads"])].append(r["vs_dense"])

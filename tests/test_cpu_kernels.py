@@ -67,15 +67,17 @@ def _spread_block(g: torch.Generator) -> torch.Tensor:
     "make,knn",
     [
         (lambda g: torch.randn(4, 2, 64, 512, generator=g), 8),  # ~10 % of the rows take the lower threshold
-        (lambda g: torch.randn(4, 2, 64, 512, generator=g), 32),
+        (lambda g: torch.randn(4, 2, 64, 512, generator=g), 32),  # ~36 candidates: the variable-width ranking
+        (lambda g: torch.randn(3, 2, 10, 8, generator=g), 4),  # 8 sub-keys: the fixed-width ranking pads past n
         (lambda g: torch.randn(2, 2, 40, 200, generator=g), 8),  # 3 vector blocks of 64 and a scalar tail of 8
         (_spread_block, 8),  # more candidates than RANK_MAX
         (lambda g: torch.randn(2, 2, 8, 512, generator=g).round(decimals=1), 8),  # ties among the candidates
     ],
 )
 def test_product_topk_selection_paths(make, knn):
-    """Each way a half's candidates are taken: the tight threshold, its retry, rank selection, insertion above
-    RANK_MAX, vector blocks with a scalar tail; ties keep the lower sub-key id first (as torch.topk here)."""
+    """Each way a half's candidates are taken: the tight threshold, its retry, rank selection (fixed width up to
+    RANK_FIXED candidates, variable up to RANK_MAX), insertion above RANK_MAX, vector blocks with a scalar tail; ties
+    keep the lower sub-key id first (as torch.topk here)."""
     s = make(torch.Generator().manual_seed(knn))
     n = s.shape[-1]
     scores, ids = cpu_kernels.topk_of_half_scores(s, knn)

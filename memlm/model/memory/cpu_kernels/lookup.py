@@ -14,13 +14,12 @@ if numba is not None:
 
     # dots: reassociation lets LLVM vectorize the reduction (the sum's order differs from a sequential one by rounding)
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-    def _lookup_backward_kernel(
-        table, grad_out, bags, occ_w, starts, uniq, grad_rows, occ_dots, want_rows, want_dots, ahead
-    ):
-        """Per touched row u (its occurrences o in [starts[u], starts[u + 1]), bag bags[o], weight occ_w[o]):
-        grad_rows[u] = sum_o occ_w[o] grad_out[bags[o]] and occ_dots[o] = <table[uniq[u]], grad_out[bags[o]]>,
-        both from one read of each grad_out row. ``table`` is read only when ``want_dots``; its row ``ahead`` rows
-        on is prefetched (0: none)."""
+    def _lookup_backward_kernel(table, grad_out, k, perm, weights, starts, uniq, grad_rows, dots, want_rows,
+                                want_dots, ahead):  # fmt: skip
+        """Per touched row u (its occurrences o in [starts[u], starts[u + 1]), each the flat position p = perm[o] of
+        bag p // k, weight weights[p]): grad_rows[u] = sum_o weights[p] grad_out[p // k] and dots[p] =
+        <table[uniq[u]], grad_out[p // k]>, both from one read of each grad_out row. ``table`` is read only when
+        ``want_dots``; its row ``ahead`` rows on is prefetched (0: none)."""
         d = grad_out.shape[1]
         zero = np.zeros(1, grad_out.dtype)[0]  # accumulate in the table's dtype
         u_count = uniq.shape[0]
@@ -33,8 +32,9 @@ if numba is not None:
                     out[j] = zero
             value = table[uniq[u]] if want_dots else table[0]  # (never read)
             for o in range(starts[u], starts[u + 1]):
-                g = grad_out[bags[o]]
-                w = occ_w[o]
+                p = perm[o]
+                g = grad_out[p // k]
+                w = weights[p]
                 dot = zero
                 if want_rows and want_dots:
                     for j in range(d):
@@ -48,7 +48,7 @@ if numba is not None:
                     for j in range(d):
                         out[j] += w * g[j]
                 if want_dots:
-                    occ_dots[o] = dot
+                    dots[p] = dot
 
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
     def _row_dots_kernel(table, idx, x, out):
@@ -69,13 +69,20 @@ def segments(indices: torch.Tensor):
     """The occurrences of each touched row of (M, K) ``indices``: (sorted unique rows (U,), bag of each occurrence
     grouped by row (L,), their positions in the flat (M*K) indices (L,), segment starts (U + 1,)). Plain torch, any
     device (also the PyTorch path of ``values.table_grad_rows``)."""
-    k = indices.shape[1]
-    # (a counting sort in numba was no faster than torch's sort here: its scattered writes miss the cache)
+    perm, uniq, starts = _runs(indices)
+    return uniq, perm // indices.shape[1], perm, starts
+
+
+def _runs(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions of the flat ``indices`` grouped by row, each row's in order (L,), sorted unique rows (U,), their
+    segment starts in the positions (U + 1,))."""
+    # (a counting sort in numba was no faster than torch's sort here: its scattered writes miss the cache; an LSD
+    # radix sort with 8-bit digits saved ~0.5 ms of a ~13 ms lookup backward, not worth its code)
     rows, perm = torch.sort(indices.reshape(-1), stable=True)  # (L,): each row's occurrences, in order
     uniq, counts = torch.unique_consecutive(rows, return_counts=True)  # (U,), (U,)
     starts = torch.zeros(uniq.numel() + 1, dtype=torch.int64, device=indices.device)
     torch.cumsum(counts, 0, out=starts[1:])
-    return uniq, perm // k, perm, starts
+    return perm, uniq, starts
 
 
 def lookup_backward(table, indices, weights, grad_out, want_rows: bool, want_dots: bool):
@@ -88,18 +95,15 @@ def lookup_backward(table, indices, weights, grad_out, want_rows: bool, want_dot
         table = grad_out[:1]  # never read: the kernel indexes the table only for the dots
     table = table.detach().contiguous()
     grad_out = grad_out.detach().to(table.dtype).contiguous()
-    uniq, bags, perm, starts = segments(indices)
-    occ_w = weights.reshape(-1)[perm].to(table.dtype).contiguous()  # (L,) the weight of each occurrence
+    perm, uniq, starts = _runs(indices)
+    w = weights.detach().reshape(-1).to(table.dtype).contiguous()  # (L,) read through perm by the kernel
     d = grad_out.shape[1]
     grad_rows = grad_out.new_empty(uniq.numel() if want_rows else 1, d)
-    occ_dots = grad_out.new_empty(perm.numel() if want_dots else 0)
+    grad_w = grad_out.new_empty(m * k if want_dots else 0)  # written through perm: every position once
     _threads()
-    _lookup_backward_kernel(_np(table), _np(grad_out), _np(bags), _np(occ_w), _np(starts), _np(uniq), _np(grad_rows),
-                            _np(occ_dots), want_rows, want_dots, PREFETCH_AHEAD)  # fmt: skip
-    grad_w = None
-    if want_dots:
-        grad_w = grad_out.new_empty(m * k).index_copy_(0, perm, occ_dots).view(m, k)
-    return uniq, (grad_rows if want_rows else None), grad_w
+    _lookup_backward_kernel(_np(table), _np(grad_out), k, _np(perm), _np(w), _np(starts), _np(uniq), _np(grad_rows),
+                            _np(grad_w), want_rows, want_dots, PREFETCH_AHEAD)  # fmt: skip
+    return uniq, (grad_rows if want_rows else None), (grad_w.view(m, k) if want_dots else None)
 
 
 def row_dots(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -11,17 +11,22 @@ from memlm.model.memory.cpu_kernels._base import _np, _threads, numba
 if numba is not None:
     from numba import njit, prange
 
+    # Every scalar the kernels mix with x comes in x's dtype (``consts``: scale, eps, 1 / D, 1): a Python float or an
+    # int divisor would promote each float32 element to float64 and keep the loops scalar (numpy's rules); float32
+    # sums are also what PyTorch's CPU rms_norm accumulates in.
+
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-    def _rms_norm_fwd_kernel(x, gain, scale, eps, y, rinv):
+    def _rms_norm_fwd_kernel(x, gain, consts, y, rinv):
         """Rows of x (R, D): rinv[r] = 1 / sqrt(mean(x^2) + eps); y = x * rinv * gain * scale (gain: (D,) or (0,))."""
         rows, d = x.shape
+        scale, eps, inv_d, one = consts[0], consts[1], consts[2], consts[3]
         has_gain = gain.shape[0] > 0
         for r in prange(rows):
             xr = x[r]
-            sq = 0.0
+            sq = one - one
             for j in range(d):
                 sq += xr[j] * xr[j]
-            inv = 1.0 / math.sqrt(sq / d + eps)
+            inv = one / math.sqrt(sq * inv_d + eps)
             rinv[r] = inv
             f = inv * scale
             yr = y[r]
@@ -33,27 +38,33 @@ if numba is not None:
                     yr[j] = xr[j] * f
 
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-    def _rms_norm_bwd_kernel(x, rinv, gain, scale, gy, gx, ggain_parts, chunk):
+    def _rms_norm_bwd_kernel(x, rinv, gain, consts, gy, gx, ggain_parts, chunk):
         """gx = rinv (g - xhat mean(g xhat)) with xhat = x rinv, g = gy * gain * scale; the gain's gradient
         sum_r gy xhat scale, summed per chunk of rows into ggain_parts (chunks, D)."""
         rows, d = x.shape
+        scale, inv_d, one = consts[0], consts[2], consts[3]
         has_gain = gain.shape[0] > 0
         for c in prange((rows + chunk - 1) // chunk):
             part = ggain_parts[c]
             for r in range(c * chunk, min(rows, (c + 1) * chunk)):
                 xr, gyr, gxr = x[r], gy[r], gx[r]
                 inv = rinv[r]
-                dot = 0.0
+                dot = one - one
                 for j in range(d):
-                    gj = gyr[j] * scale * (gain[j] if has_gain else 1.0)
+                    gj = gyr[j] * scale * (gain[j] if has_gain else one)
                     dot += gj * xr[j] * inv
-                dot = dot / d
+                dot = dot * inv_d
                 for j in range(d):
                     xh = xr[j] * inv
-                    gj = gyr[j] * scale * (gain[j] if has_gain else 1.0)
+                    gj = gyr[j] * scale * (gain[j] if has_gain else one)
                     gxr[j] = inv * (gj - xh * dot)
                     if has_gain:
                         part[j] += gyr[j] * xh * scale
+
+
+def _consts(x: torch.Tensor, scale: float, eps: float) -> torch.Tensor:
+    """The kernels' scalars in x's dtype: (scale, eps, 1 / D, 1)."""
+    return torch.tensor([scale, eps, 1.0 / x.shape[-1], 1.0], dtype=x.dtype)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -67,10 +78,11 @@ class _RMSNorm(torch.autograd.Function):
         g = gain.detach().contiguous() if gain is not None else x2.new_empty(0)
         y = torch.empty_like(x2)
         rinv = x2.new_empty(x2.shape[0])
+        consts = _consts(x2, scale, eps)  # kept alive while the kernel reads its view
         _threads()
-        _rms_norm_fwd_kernel(_np(x2), _np(g), scale, eps, _np(y), _np(rinv))
+        _rms_norm_fwd_kernel(_np(x2), _np(g), _np(consts), _np(y), _np(rinv))
         ctx.save_for_backward(x2, rinv, g)
-        ctx.scale, ctx.has_gain, ctx.shape = scale, gain is not None, x.shape
+        ctx.scale, ctx.eps, ctx.has_gain, ctx.shape = scale, eps, gain is not None, x.shape
         return y.view(x.shape)
 
     @staticmethod
@@ -81,8 +93,9 @@ class _RMSNorm(torch.autograd.Function):
         gx = torch.empty_like(x2)
         chunk = 256
         parts = x2.new_zeros((x2.shape[0] + chunk - 1) // chunk if ctx.has_gain else 0, x2.shape[1])
+        consts = _consts(x2, ctx.scale, ctx.eps)
         _threads()
-        _rms_norm_bwd_kernel(_np(x2), _np(rinv), _np(g), ctx.scale, _np(gy2), _np(gx), _np(parts), chunk)
+        _rms_norm_bwd_kernel(_np(x2), _np(rinv), _np(g), _np(consts), _np(gy2), _np(gx), _np(parts), chunk)
         ggain = parts.sum(0) if ctx.has_gain and ctx.needs_input_grad[1] else None
         return gx.view(ctx.shape), ggain, None, None
 

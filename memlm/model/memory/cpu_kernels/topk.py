@@ -76,8 +76,8 @@ if numba is not None:
     def _rank_select_fixed(c, k, buf_v, buf_i, vals, ids, rank):
         """:func:`_rank_select` for c <= RANK_FIXED candidates, over a fixed RANK_FIXED-wide block: the slots from c
         on are padded with -inf (they rank below every candidate, which passed x > thr > -inf, so they are never
-        written), and the constant trip counts let LLVM unroll the compares into vector code (~2x faster than the
-        variable-length loops at ~12 candidates, k = 8)."""
+        written), and the constant trip counts let LLVM unroll the compares into vector code (a half's whole top-k at
+        k = 8, ~12 candidates: 3.74 against 4.97 ms per 2048 tokens x 4 heads x 2 halves, 1 thread)."""
         pad = -np.inf
         for i in range(c, RANK_FIXED):
             buf_v[i] = pad
@@ -190,7 +190,8 @@ if numba is not None:
 
         Tasks are blocks of queries of one head, in head-major order, so each thread reads the heads' scores that
         the same thread's share of the (head-major, contiguously split) batched matmul just wrote into its cache:
-        token-major tasks made both threads read the other core's half of every tile (~18 % slower at 2 threads)."""
+        token-major tasks made both threads read the other core's half of every tile (the tiny 262k-slot model's search
+        forward: 17.8 against 14.6 ms at 2 threads)."""
         h_count, _, m_count, n = s.shape
         block = 32  # queries per task; the scratch buffers are allocated once per task
         blocks = (m_count + block - 1) // block

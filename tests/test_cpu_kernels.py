@@ -237,6 +237,23 @@ def test_adam_rows_kernel_bumps_versions_and_takes_a_tensor_lr():
     assert not torch.equal(m[0], torch.zeros(4)) and torch.equal(m[1], torch.zeros(4))
 
 
+@pytest.mark.parametrize("shape", [(0, 4), (3,), (7, 5), (2 * cpu_kernels.grad_norm.BLOCK + 3,), (700, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_l2_norm_equals_the_exact_norm(shape, dtype):
+    """Block sums (a partial last block, fewer elements than one block, none) against the float64 norm."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    got = cpu_kernels.l2_norm(x)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    torch.testing.assert_close(got, torch.linalg.vector_norm(x.double()).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(cpu_kernels.l2_norm(x.t() if x.dim() == 2 else x), got)  # any layout
+    if x.numel():  # a NaN or inf element reaches the norm, as in torch's
+        y = x.clone()
+        y.view(-1)[-1] = float("nan")
+        assert cpu_kernels.l2_norm(y).isnan()
+        y.view(-1)[-1] = float("inf")
+        assert cpu_kernels.l2_norm(y).isposinf()
+
+
 def test_switch_and_dtypes(monkeypatch):
     assert cpu_kernels.available(torch.zeros(2), torch.zeros(2, dtype=torch.int64))
     assert not cpu_kernels.available(torch.zeros(2, dtype=torch.bfloat16))  # numba has no bf16: PyTorch path

@@ -171,6 +171,7 @@ def clip_grad_norm_sparse_(params: list[torch.nn.Parameter], max_norm: float | N
     """``clip_grad_norm_`` that also takes sparse COO gradients: they are coalesced in place (duplicate rows summed,
     so the norm is that of the dense gradient) and their values scaled. Returns the total pre-clip norm. Gradients of
     memory-parallel shards (and, with ``fsdp``, every gradient: FSDP shards them all) count over all ranks."""
+    from memlm.model.memory import cpu_kernels
     from memlm.model.memory.sparse_update import coalesced
     from memlm.model.memory.values import shard_of
 
@@ -192,7 +193,10 @@ def clip_grad_norm_sparse_(params: list[torch.nn.Parameter], max_norm: float | N
     for p in [p for p in params if shard_of(p) is None]:
         if p.grad.is_sparse:
             p.grad = coalesced(p.grad)
-            norms.append(torch.linalg.vector_norm(p.grad.values(), dtype=torch.float32))  # (U, D) rows only
+            vals = p.grad.values()  # (U, D) rows only
+            # CPU: on every thread (PyTorch's CPU norm runs on one; the 262k-slot tiny model's rows are ~30 MB)
+            norms.append(cpu_kernels.l2_norm(vals) if cpu_kernels.available(vals)
+                         else torch.linalg.vector_norm(vals, dtype=torch.float32))  # fmt: skip
         else:
             norms.append(torch.linalg.vector_norm(p.grad, dtype=torch.float32))
     if sharded:  # memory-parallel shards: the norm of the whole table is over every rank's columns

@@ -1,7 +1,8 @@
 """CPU kernels for the memory layers' scattered work, compiled with numba (the CPU counterpart of ``kernels/``).
 
 Modules: :mod:`.topk` (the search forward and backward), :mod:`.lookup` (the lookup backward, row dots),
-:mod:`.adam` (lazy Adam on rows), :mod:`.norm` (RMS norm), :mod:`._base` (the switch, threads, numpy views).
+:mod:`.adam` (lazy Adam on rows), :mod:`.norm` (RMS norm), :mod:`.grad_norm` (gradient norms), :mod:`._base` (the
+switch, threads, numpy views).
 
 Stock PyTorch runs these steps as chains of mid-size ops, each a full pass over (tokens, heads, k) tensors; on CPU the
 passes, not the arithmetic, are the cost. Each kernel here is one pass, parallel over rows:
@@ -19,6 +20,8 @@ passes, not the arithmetic, are the cost. Each kernel here is one pass, parallel
 - :func:`adam_rows_`: lazy Adam on the touched rows of fp32 tables in place: one pass reading the gradient, parameter
   and moment rows, where PyTorch gathers the moments, steps the gathered copy and scatters it back.
 - :func:`rms_norm`: the query net's RMSNorm and Memory+'s qk-norm, one pass forward and one backward.
+- :func:`l2_norm`: the norm of a value table's gradient rows for clipping, on every thread (PyTorch's CPU norm runs
+  on one).
 
 ``available()`` is False when numba is missing, under ``MEMLM_CPU_KERNELS=0``, inside torch.compile and under CPU
 autocast; every caller then keeps its PyTorch path (the two are checked against each other in
@@ -34,9 +37,10 @@ from __future__ import annotations
 
 from memlm.model.memory.cpu_kernels._base import FLOATS, available, numba
 from memlm.model.memory.cpu_kernels.adam import adam_rows_
+from memlm.model.memory.cpu_kernels.grad_norm import l2_norm
 from memlm.model.memory.cpu_kernels.lookup import lookup_backward, row_dots, segments
 from memlm.model.memory.cpu_kernels.norm import rms_norm
 from memlm.model.memory.cpu_kernels.topk import CHUNK_MAX_HALF, product_topk, search_backward, topk_of_half_scores
 
-__all__ = ["CHUNK_MAX_HALF", "FLOATS", "adam_rows_", "available", "lookup_backward", "numba", "product_topk",
-           "rms_norm", "row_dots", "search_backward", "segments", "topk_of_half_scores"]  # fmt: skip
+__all__ = ["CHUNK_MAX_HALF", "FLOATS", "adam_rows_", "available", "l2_norm", "lookup_backward", "numba",
+           "product_topk", "rms_norm", "row_dots", "search_backward", "segments", "topk_of_half_scores"]  # fmt: skip

@@ -293,8 +293,10 @@ def product_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.T
     _check_knn(knn, n)
     qd = q.detach()
     m = qd.numel() // (2 * h * half)
-    qt = qd.reshape(m, 2 * h, half).transpose(0, 1).contiguous()  # (2H, M, half): one matrix per (head, half)
-    kt = keys.detach().to(qd.dtype).reshape(2 * h, n, half).transpose(1, 2).contiguous()  # (2H, half, n)
+    # strided operands, no transposed copies (BLAS takes a row stride / a transposed matrix; 0.3-0.5 ms less per
+    # tiny-model step, same scores bitwise): chunk rows of q3 are the (2H, C, half) matrices, one per (head, half)
+    q3 = qd.reshape(m, 2 * h, half)  # (M, 2H, half)
+    kt = keys.detach().to(qd.dtype).reshape(2 * h, n, half).transpose(1, 2)  # (2H, half, n)
     scores = qd.new_empty(m, h, knn)
     ids = torch.empty(m, h, knn, dtype=torch.int64)
     chunk = max(1, min(m, TILE_BYTES // (2 * h * n * qd.element_size())))
@@ -304,7 +306,7 @@ def product_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.T
     for m0 in range(0, m, chunk):
         c = min(chunk, m - m0)
         t = tile[: 2 * h * c * n].view(2 * h, c, n)
-        torch.bmm(qt[:, m0 : m0 + c], kt, out=t)
+        torch.bmm(q3[m0 : m0 + c].transpose(0, 1), kt, out=t)
         _product_topk_kernel(_np(t.view(h, 2, c, n)), knn, z_tight, z_loose, _np(scores[m0 : m0 + c]),
                              _np(ids[m0 : m0 + c]))  # fmt: skip
     return scores.view(*lead, h, knn), ids.view(*lead, h, knn)

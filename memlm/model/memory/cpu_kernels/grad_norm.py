@@ -20,7 +20,7 @@ if numba is not None:
         n = x.shape[0]
         zero = x[0] - x[0]  # accumulate in x's dtype: a float64 sum of float32 terms does not vectorize
         for b in prange(out.shape[0]):
-            seg = x[b * block : min(n, (b + 1) * block)]  # a slice: indexing x itself ran 2.7x slower (2 threads)
+            seg = x[b * block : min(n, (b + 1) * block)]  # a slice: indexing x itself ran 2.3x slower (2 threads)
             s = zero
             for i in range(seg.shape[0]):
                 s += seg[i] * seg[i]

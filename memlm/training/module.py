@@ -194,7 +194,7 @@ def clip_grad_norm_sparse_(params: list[torch.nn.Parameter], max_norm: float | N
         if p.grad.is_sparse:
             p.grad = coalesced(p.grad)
             vals = p.grad.values()  # (U, D) rows only
-            # CPU: on every thread (PyTorch's CPU norm runs on one; the 262k-slot tiny model's rows are ~30 MB)
+            # CPU: on every thread (PyTorch's CPU norm runs on one; the 262k-slot tiny model's rows are 19-30 MB)
             norms.append(cpu_kernels.l2_norm(vals) if cpu_kernels.available(vals)
                          else torch.linalg.vector_norm(vals, dtype=torch.float32))  # fmt: skip
         else:
